@@ -1,0 +1,103 @@
+"""The one subprocess wrapper, and the preflight check for system tools."""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from builder.errors import ToolError
+
+log = logging.getLogger("airbox-build")
+
+# Which Debian package provides each external tool we call.
+TOOL_PACKAGES: dict[str, str] = {
+    "debugfs": "e2fsprogs",
+    "mke2fs": "e2fsprogs",
+    "e2fsck": "e2fsprogs",
+    "resize2fs": "e2fsprogs",
+    "dumpe2fs": "e2fsprogs",
+    "tune2fs": "e2fsprogs",
+    "mcopy": "mtools",
+    "mdir": "mtools",
+    "mtype": "mtools",
+    "mmd": "mtools",
+    "minfo": "mtools",
+    "mkfs.fat": "dosfstools",
+    "fsck.fat": "dosfstools",
+    "mkimage": "u-boot-tools",
+    "dumpimage": "u-boot-tools",
+    "sgdisk": "gdisk",
+    "sfdisk": "fdisk",
+    "xz": "xz-utils",
+}
+
+# Tools the build itself needs; the others are for tests and optional features.
+BUILD_TOOLS = ("debugfs", "e2fsck", "resize2fs", "dumpe2fs", "mcopy", "mdir", "mkfs.fat")
+
+
+def install_hint(missing: Sequence[str]) -> str:
+    packages = sorted({TOOL_PACKAGES.get(t, t) for t in missing})
+    return (
+        f"install them: sudo apt-get install -y {' '.join(packages)}"
+        f"  (macOS: brew install {' '.join(p for p in packages if p != 'fdisk')})"
+    )
+
+
+def require_tools(*tools: str) -> None:
+    """Fail before any long work when a system tool is missing, naming the package."""
+    missing = [t for t in tools if find_tool(t) is None]
+    if missing:
+        raise ToolError(f"missing system tool(s): {', '.join(missing)}", hint=install_hint(missing))
+
+
+def find_tool(name: str) -> str | None:
+    found = shutil.which(name)
+    if found is None:
+        # e2fsprogs and dosfstools live in /sbin on Debian, which a user's PATH may lack.
+        for d in ("/usr/sbin", "/sbin", "/usr/local/sbin", "/opt/homebrew/opt/e2fsprogs/sbin"):
+            cand = Path(d) / name
+            if cand.is_file():
+                return str(cand)
+    return found
+
+
+def run(
+    cmd: Sequence[str | Path],
+    *,
+    input: bytes | None = None,
+    cwd: Path | str | None = None,
+    env: Mapping[str, str] | None = None,
+    check: bool = True,
+    capture: bool = True,
+    hint: str | None = None,
+    ok_codes: Sequence[int] = (0,),
+) -> subprocess.CompletedProcess[bytes]:
+    """Run a tool; on failure raise ToolError with its stderr and a hint."""
+    args = [str(c) for c in cmd]
+    exe = find_tool(args[0])
+    if exe is None:
+        raise ToolError(f"missing system tool: {args[0]}", hint=install_hint([args[0]]))
+    args[0] = exe
+    log.debug("run: %s", shlex.join(args))
+    proc = subprocess.run(
+        args,
+        input=input,
+        cwd=cwd,
+        env=None if env is None else dict(env),
+        stdout=subprocess.PIPE if capture else None,
+        stderr=subprocess.PIPE if capture else None,
+        check=False,
+    )
+    if check and proc.returncode not in ok_codes:
+        err = (proc.stderr or b"").decode(errors="replace").strip()
+        tail = "\n".join(err.splitlines()[-15:])
+        raise ToolError(
+            f"{Path(args[0]).name} failed (exit {proc.returncode}): {shlex.join(args[1:])[:300]}"
+            + (f"\n{tail}" if tail else ""),
+            hint=hint,
+        )
+    return proc

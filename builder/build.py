@@ -1,0 +1,144 @@
+"""The build: recipe -> fetched inputs -> vendor package -> customised bundle in output/<name>/."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from builder import __version__
+from builder.errors import BuildError
+from builder.events import Reporter
+from builder.fetch import FetchOptions, fetch
+from builder.manifest import write_sha256sums
+from builder.package.chunks import DEFAULT_LEVEL
+from builder.package.flashplan import FlashPlan, read_flash_plan
+from builder.package.source import open_package
+from builder.recipe import Recipe
+from builder.repack import ImageEdit, RepackResult, repack
+from builder.run import BUILD_TOOLS, require_tools
+
+CARD = "card"
+REPORT = "build-report.json"
+SUMS = "SHA256SUMS"
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    output_dir: Path
+    fetch: FetchOptions
+    workers: int | None = None
+    level: int = DEFAULT_LEVEL
+    epoch: int | None = None  # SOURCE_DATE_EPOCH, when set
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    out_dir: Path
+    card: Path
+    report: dict[str, Any]
+
+
+def source_date_epoch() -> int | None:
+    value = os.environ.get("SOURCE_DATE_EPOCH")
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise BuildError(
+            f"SOURCE_DATE_EPOCH={value!r} is not a whole number of seconds",
+            hint="set it to a Unix time, e.g. $(git log -1 --format=%ct)",
+        ) from None
+
+
+def build(
+    recipe: Recipe,
+    opts: BuildOptions,
+    reporter: Reporter,
+    extra_edits: Mapping[str, Sequence[ImageEdit]] | None = None,
+) -> BuildResult:
+    require_tools(*BUILD_TOOLS)
+    out_root = opts.output_dir
+    out_root.mkdir(parents=True, exist_ok=True)
+    final = out_root / recipe.name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{recipe.name}.tmp-", dir=out_root))
+    try:
+        result_dir = tmp / "result"
+        card = result_dir / CARD
+        card.mkdir(parents=True)
+        work = tmp / "work"
+        work.mkdir()
+        with reporter.step("fetch", input=recipe.base.display):
+            base = fetch(recipe.base, opts.fetch)
+        with open_package(base.path, work / "source") as files:
+            with reporter.step("read package", form=files.form):
+                plan = read_flash_plan(files)
+            edits: dict[str, list[ImageEdit]] = {}
+            for label, es in (extra_edits or {}).items():
+                edits.setdefault(label, []).extend(es)
+            with reporter.step("repack"):
+                repacked = _repack(files, plan, card, work, edits, opts, reporter)
+        with reporter.step("emit"):
+            report = _report(recipe, base, files.form, plan, repacked, reporter)
+            (result_dir / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+            write_sha256sums(result_dir / SUMS, result_dir, sorted(p for p in card.rglob("*") if p.is_file()))
+            _replace_dir(result_dir, final)
+        return BuildResult(final, final / CARD, report)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _repack(
+    files: Any,
+    plan: FlashPlan,
+    card: Path,
+    work: Path,
+    edits: Mapping[str, Sequence[ImageEdit]],
+    opts: BuildOptions,
+    reporter: Reporter,
+) -> RepackResult:
+    total = sum(p.image_bytes for p in plan.partitions if p.label.upper() in {k.upper() for k in edits}) * 2
+    with reporter.progress("repack", max(total, 1)) as advance:
+        return repack(
+            files, plan, card, work, edits,
+            level=opts.level, workers=opts.workers, epoch=opts.epoch,
+            progress=lambda _label, n, _total: advance(n),
+        )
+
+
+def _replace_dir(new: Path, final: Path) -> None:
+    """Put `new` at `final`; the previous output stays intact until the new one is complete."""
+    old: Path | None = None
+    if final.exists() or final.is_symlink():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.rename(final, old)
+    os.rename(new, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _report(
+    recipe: Recipe, base: Any, form: str, plan: FlashPlan, repacked: RepackResult, reporter: Reporter
+) -> dict[str, Any]:
+    return {
+        "airbox_build": __version__,
+        "recipe": {"name": recipe.name, "path": str(recipe.path)},
+        "base": {
+            "input": recipe.base.display,
+            "form": form,
+            "sha256": getattr(base, "sha256", None),
+            "md5": getattr(base, "md5", None),
+            "size": getattr(base, "size", None),
+        },
+        "chunk_sectors": plan.chunk_sectors,
+        "partitions": [asdict(p) for p in repacked.partitions],
+        "scripts_regenerated": repacked.scripts_regenerated,
+        "warnings": list(reporter.warnings),
+        "timings": {k: round(v, 3) for k, v in reporter.timings.items()},
+    }

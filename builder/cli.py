@@ -1,0 +1,253 @@
+"""Command line: build (default), inspect, verify, lock, cache."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from builder import __version__
+from builder.errors import AirboxError
+
+log = logging.getLogger("airbox-build")
+
+EXIT_OK = 0
+EXIT_ERROR = 1  # any AirboxError: a bad recipe, input, package, a failed verification
+EXIT_USAGE = 2  # click's usage errors
+EXIT_INTERRUPTED = 130
+
+
+class DefaultGroup(click.Group):
+    """`airbox-build RECIPE` means `airbox-build build RECIPE`."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        first = next((a for a in args if not a.startswith("-")), None)
+        if first is not None and first not in self.commands and not any(
+            a in ("--help", "-h", "--version") for a in args
+        ):
+            idx = args.index(first)
+            # options given before RECIPE that belong to the group stay where they are
+            args = args[:idx] + ["build"] + args[idx:]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="airbox-build")
+@click.option("--debug", is_flag=True, help="Log every command run and show tracebacks.")
+@click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors.")
+@click.option("--json", "json_mode", is_flag=True, help="One JSON event per line on stdout (for CI).")
+@click.pass_context
+def main(ctx: click.Context, debug: bool, quiet: bool, json_mode: bool) -> None:
+    """Turn the AirBox vendor flash package into a customised, verified TF-card bundle.
+
+    `airbox-build RECIPE` builds RECIPE (same as `airbox-build build RECIPE`).
+    """
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format="%(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+    ctx.obj = {"debug": debug, "quiet": quiet, "json": json_mode}
+
+
+def _fail(ctx: click.Context, e: BaseException) -> None:
+    obj = ctx.find_root().obj or {}
+    if obj.get("json"):
+        payload: dict[str, Any] = {"event": "error", "message": str(e)}
+        if isinstance(e, AirboxError):
+            payload.update(message=e.message, where=e.where, hint=e.hint)
+        click.echo(json.dumps(payload, sort_keys=True))
+    if obj.get("debug"):
+        import traceback
+
+        traceback.print_exception(e, file=sys.stderr)
+    if isinstance(e, AirboxError):
+        click.echo(e.render(), err=True)
+        ctx.exit(EXIT_ERROR)
+    if isinstance(e, KeyboardInterrupt):
+        click.echo("interrupted; nothing was left half-written in the output folder", err=True)
+        ctx.exit(EXIT_INTERRUPTED)
+    raise e
+
+
+def guarded(fn: Callable[..., None]) -> Callable[..., None]:
+    """Run a command; turn our errors into a one-screen message and exit 1."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        ctx = click.get_current_context()
+        try:
+            fn(*args, **kwargs)
+        except (AirboxError, KeyboardInterrupt) as e:
+            _fail(ctx, e)
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+def _reporter(ctx: click.Context) -> Any:
+    from builder.events import Reporter
+
+    obj = ctx.find_root().obj or {}
+    return Reporter(json_mode=bool(obj.get("json")), quiet=bool(obj.get("quiet")))
+
+
+def fetch_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    opts = [
+        click.option("--cache-dir", type=click.Path(path_type=Path), envvar="AIRBOX_BUILD_CACHE",
+                     help="Download cache (default: the user's cache dir; env AIRBOX_BUILD_CACHE)."),
+        click.option("--offline", is_flag=True, help="Use only the cache and --input-dir; never download."),
+        click.option("--input-dir", "input_dirs", multiple=True, type=click.Path(path_type=Path,
+                     file_okay=False), help="Folder of hand-downloaded inputs, matched by checksum."),
+        click.option("--mirror", "mirrors", multiple=True, metavar="FROM=TO",
+                     help="Rewrite URLs starting with FROM to start with TO (repeatable)."),
+        click.option("--locked", is_flag=True, help="Refuse any input not pinned by sha256."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _parse_mirrors(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    out = []
+    for v in values:
+        if "=" not in v:
+            raise click.BadParameter(f"{v!r} is not FROM=TO", param_hint="--mirror")
+        a, b = v.split("=", 1)
+        out.append((a, b))
+    return tuple(out)
+
+
+def make_fetch_options(
+    recipe: Any, cache_dir: Path | None, offline: bool, input_dirs: tuple[Path, ...],
+    mirrors: tuple[str, ...], locked: bool, reporter: Any,
+) -> Any:
+    from builder.fetch import FetchOptions, default_cache_dir
+    from builder.lockfile import lock_path_for, read_lock
+
+    lock = None
+    if recipe is not None:
+        lp = lock_path_for(recipe.path)
+        if lp.exists():
+            lock = read_lock(lp)
+    recipe_mirrors = tuple(recipe.mirrors) if recipe is not None else ()
+    return FetchOptions(
+        cache_dir=cache_dir or default_cache_dir(),
+        offline=offline,
+        input_dirs=tuple(input_dirs),
+        mirrors=_parse_mirrors(mirrors) + recipe_mirrors,
+        locked=locked,
+        lock=lock,
+        progress=reporter.bars,
+        on_event=lambda ev: reporter.event(ev.pop("event", "fetch"), **ev),
+    )
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("-o", "--output", "output_dir", type=click.Path(path_type=Path, file_okay=False),
+              default=Path("output"), show_default=True, help="Output root; the bundle goes to OUTPUT/<name>/.")
+@click.option("-j", "--jobs", type=click.IntRange(1, 64), default=None, help="Worker threads (default: all cores).")
+@fetch_options
+@click.pass_context
+@guarded
+def build(
+    ctx: click.Context, recipe: Path, output_dir: Path, jobs: int | None, cache_dir: Path | None,
+    offline: bool, input_dirs: tuple[Path, ...], mirrors: tuple[str, ...], locked: bool,
+) -> None:
+    """Build RECIPE into OUTPUT/<name>/ (card/, SHA256SUMS, build-report.json)."""
+    from builder.build import BuildOptions, build as run_build, source_date_epoch
+    from builder.recipe import load_recipe
+
+    reporter = _reporter(ctx)
+    r = load_recipe(recipe)
+    fopts = make_fetch_options(r, cache_dir, offline, input_dirs, mirrors, locked, reporter)
+    opts = BuildOptions(output_dir=output_dir, fetch=fopts, workers=jobs, epoch=source_date_epoch())
+    result = run_build(r, opts, reporter)
+    changed = [p for p in result.report["partitions"] if p["changed"]]
+    summary = (
+        f"built {result.out_dir}: {len(list(result.card.iterdir()))} files on the card; "
+        f"{len(changed)} partition(s) changed"
+    )
+    for p in changed:
+        summary += (
+            f"\n  {p['label']}: {p['chunks_after']} chunks, {p['reused']} reused, "
+            f"{p['recompressed']} recompressed"
+        )
+    reporter.event("result", out_dir=str(result.out_dir), card=str(result.card),
+                   report=str(result.out_dir / "build-report.json"))
+    if not reporter.json_mode:
+        click.echo(summary, err=reporter.quiet)
+
+
+@main.command()
+@click.argument("source", type=click.Path(path_type=Path, exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print the flash plan as JSON.")
+@click.pass_context
+@guarded
+def inspect(ctx: click.Context, source: Path, as_json: bool) -> None:
+    """Show the partitions and chunks of a package (folder, .tgz, .zip, .img, .img.zip, .img.xz)."""
+    from builder.inspect import plan_to_json, plan_to_table
+    from builder.package.flashplan import read_flash_plan
+    from builder.package.source import open_package
+
+    with tempfile.TemporaryDirectory(prefix="airbox-inspect-") as tmp, open_package(source, Path(tmp)) as files:
+        plan = read_flash_plan(files)
+        if as_json or (ctx.find_root().obj or {}).get("json"):
+            click.echo(json.dumps(plan_to_json(plan), indent=2))
+        else:
+            click.echo(plan_to_table(plan, files.form))
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path, exists=True))
+@click.option("--simulate", type=click.Path(path_type=Path, dir_okay=False),
+              help="Also play the scripts into this (sparse) eMMC image.")
+@click.option("--extract", type=click.Path(path_type=Path, file_okay=False),
+              help="With --simulate: cut every partition out of the eMMC image into this folder.")
+@click.pass_context
+@guarded
+def verify(ctx: click.Context, path: Path, simulate: Path | None, extract: Path | None) -> None:
+    """Check a bundle (output folder, card folder or card image) before it touches a card."""
+    from builder.errors import VerifyError
+    from builder.package.source import open_package
+    from builder.verify import extract_partitions, verify_fileset
+
+    reporter = _reporter(ctx)
+    target = path / "card" if (path / "card").is_dir() else path
+    with tempfile.TemporaryDirectory(prefix="airbox-verify-") as tmp, open_package(target, Path(tmp)) as files:
+        with reporter.step("verify"):
+            rep = verify_fileset(files, simulate=simulate)
+    for w in rep.warnings:
+        reporter.warn(f"{w.file}: {w.message}")
+    for f in rep.failures:
+        reporter.event("failure", file=f.file, message=f.message)
+        if not reporter.json_mode:
+            click.echo(f"FAIL {f.file}: {f.message}", err=True)
+    if rep.failures:
+        raise VerifyError(
+            f"{len(rep.failures)} problem(s) found in {target}",
+            hint="rebuild the bundle; do not write it to a card",
+        )
+    if simulate is not None and extract is not None and rep.plan is not None:
+        extract_partitions(simulate, rep.plan, extract)
+    msg = f"ok: {rep.chunks_checked} chunks, {rep.bytes_checked} bytes checked"
+    if simulate is not None:
+        msg += f"; eMMC image written to {simulate}"
+    reporter.event("result", ok=True, chunks=rep.chunks_checked, bytes=rep.bytes_checked)
+    if not reporter.json_mode:
+        click.echo(msg)
+
+
+def run() -> None:
+    main(prog_name="airbox-build")
+
+
+if __name__ == "__main__":
+    run()

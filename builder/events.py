@@ -1,0 +1,92 @@
+"""Progress for humans (tqdm on a TTY, quiet lines otherwise) and JSON events for CI."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from tqdm import tqdm
+
+
+@dataclass
+class Reporter:
+    """Where a build says what it is doing.
+
+    `json_mode`: one JSON object per line on stdout (step start/end, progress, warnings, result).
+    `quiet`: nothing but warnings and errors. Otherwise short lines on stderr, with tqdm bars
+    when stderr is a TTY.
+    """
+
+    json_mode: bool = False
+    quiet: bool = False
+    stream: TextIO = field(default_factory=lambda: sys.stderr)
+    timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def bars(self) -> bool:
+        return not self.json_mode and not self.quiet and self.stream.isatty()
+
+    def event(self, kind: str, **data: Any) -> None:
+        if self.json_mode:
+            with self._lock:
+                sys.stdout.write(json.dumps({"event": kind, **data}, sort_keys=True) + "\n")
+                sys.stdout.flush()
+
+    def info(self, message: str) -> None:
+        self.event("info", message=message)
+        if not self.json_mode and not self.quiet:
+            print(message, file=self.stream)
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+        self.event("warning", message=message)
+        if not self.json_mode:
+            print(f"warning: {message}", file=self.stream)
+
+    @contextmanager
+    def step(self, name: str, **data: Any) -> Iterator[None]:
+        start = time.monotonic()
+        self.event("step-start", step=name, **data)
+        if not self.json_mode and not self.quiet:
+            print(f"==> {name}", file=self.stream)
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            elapsed = time.monotonic() - start
+            self.timings[name] = self.timings.get(name, 0.0) + elapsed
+            self.event("step-end", step=name, ok=ok, seconds=round(elapsed, 3))
+
+    @contextmanager
+    def progress(self, label: str, total: int, unit: str = "B") -> Iterator[Any]:
+        """A callable `advance(n)` for workers in any thread."""
+        bar = tqdm(total=total, unit=unit, unit_scale=True, desc=label, file=self.stream, leave=False) \
+            if self.bars else None
+        done = 0
+        last = 0.0
+
+        def advance(n: int) -> None:
+            nonlocal done, last
+            with self._lock:
+                done += n
+                if bar is not None:
+                    bar.update(n)
+                now = time.monotonic()
+                if self.json_mode and (now - last > 1.0 or done >= total):
+                    last = now
+                    self.event("progress", label=label, done=done, total=total)
+
+        try:
+            yield advance
+        finally:
+            if bar is not None:
+                bar.close()

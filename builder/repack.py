@@ -1,0 +1,193 @@
+"""Repack a vendor file set: copy what did not change, rebuild what did.
+
+A partition with no edit is never decompressed: its chunks and script are copied.
+An edited partition is joined, edited, split; chunks whose bytes did not change keep
+the vendor's .gz, and its script is regenerated only if its chunk list changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from builder.errors import BuildError
+from builder.manifest import MD5_NAME, file_digest, render_md5
+from builder.package.chunks import join_partition, pack_partition
+from builder.package.flashplan import SECTOR, FileSet, FlashPlan, PartitionFlash
+from builder.package.scripts import NewChunk, regenerate
+from builder.package.uimage import encode_script
+
+log = logging.getLogger("airbox-build")
+
+# An edit receives the joined partition image (a sparse file it may grow or shrink).
+ImageEdit = Callable[[Path], None]
+
+
+@dataclass
+class PartitionResult:
+    label: str
+    changed: bool
+    chunks_before: int
+    chunks_after: int
+    reused: int = 0
+    recompressed: int = 0
+    bytes_recompressed: int = 0
+    image_bytes_before: int = 0
+    image_bytes_after: int = 0
+    script_regenerated: bool = False
+
+
+@dataclass
+class RepackResult:
+    partitions: list[PartitionResult] = field(default_factory=list)
+    files_written: list[str] = field(default_factory=list)
+    scripts_regenerated: list[str] = field(default_factory=list)
+
+
+def copy_member(files: FileSet, name: str, dest: Path) -> None:
+    copy_to = getattr(files, "copy_to", None)
+    if copy_to is not None:
+        copy_to(name, dest)
+        return
+    with files.open(name) as src, open(dest, "wb") as dst:
+        shutil.copyfileobj(src, dst, 4 << 20)
+
+
+def _chunk_list(part: PartitionFlash) -> list[NewChunk]:
+    return [
+        NewChunk(c.file, c.unzip_bytes or c.count_sectors * SECTOR, c.offset_sectors, c.count_sectors)
+        for c in part.chunks
+    ]
+
+
+def _write_script(plan: FlashPlan, name: str, text: str, card: Path, epoch: int | None) -> None:
+    header = plan.headers[name]
+    cmd_name = name[: -len(".scr")] + ".cmd"
+    data = text.encode("utf-8")
+    # Keep the vendor's header name and (unless SOURCE_DATE_EPOCH says otherwise) its timestamp.
+    (card / name).write_bytes(encode_script(data, header.name, header.timestamp if epoch is None else epoch))
+    if cmd_name in plan.files:
+        (card / cmd_name).write_bytes(data)
+
+
+def repack(
+    files: FileSet,
+    plan: FlashPlan,
+    card: Path,
+    work: Path,
+    edits: Mapping[str, Sequence[ImageEdit]],
+    *,
+    level: int,
+    workers: int | None = None,
+    epoch: int | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> RepackResult:
+    """Write the customised file set into `card` (an empty folder)."""
+    result = RepackResult()
+    replaced: set[str] = set()  # vendor names we do not copy verbatim
+    new_names: set[str] = set()
+    for part in plan.partitions:
+        part_edits = [e for label, es in edits.items() if label.upper() == part.label.upper() for e in es]
+        if not part_edits:
+            result.partitions.append(
+                PartitionResult(part.label, False, len(part.chunks), len(part.chunks),
+                                reused=len(part.chunks), image_bytes_before=part.image_bytes,
+                                image_bytes_after=part.image_bytes)
+            )
+            continue
+        if part.script is None:
+            raise BuildError(
+                f"the recipe changes partition {part.label}, but the package has no image for it",
+                hint="remove the recipe entries that target this partition",
+            )
+        pr = _rebuild_partition(files, plan, part, part_edits, card, work, level, workers, epoch, progress)
+        result.partitions.append(pr)
+        replaced.update(c.file for c in part.chunks)
+        if pr.script_regenerated:
+            replaced.add(part.script)
+            replaced.add(part.script[: -len(".scr")] + ".cmd")
+            result.scripts_regenerated.append(part.script)
+        new_names.update(p.name for p in card.iterdir())
+    for name in sorted(plan.files):
+        if name in replaced or name in new_names or name == MD5_NAME:
+            continue
+        dest = card / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        copy_member(files, name, dest)
+    _write_md5(files, plan, card, changed=bool(replaced or new_names))
+    result.files_written = sorted(p.relative_to(card).as_posix() for p in card.rglob("*") if p.is_file())
+    return result
+
+
+def _rebuild_partition(
+    files: FileSet,
+    plan: FlashPlan,
+    part: PartitionFlash,
+    part_edits: Sequence[ImageEdit],
+    card: Path,
+    work: Path,
+    level: int,
+    workers: int | None,
+    epoch: int | None,
+    progress: Callable[[str, int, int], None] | None,
+) -> PartitionResult:
+    image = work / f"{part.stem}.img"
+
+    def tick(stage: str, total: int) -> Callable[[int], None] | None:
+        if progress is None:
+            return None
+        return lambda n: progress(f"{stage} {part.label}", n, total)
+
+    joined = join_partition(files, part, image, workers=workers, progress=tick("join", part.image_bytes))
+    for edit in part_edits:
+        edit(image)
+    new_size = image.stat().st_size
+    limit = part.size_sectors * SECTOR
+    if new_size > limit:
+        raise BuildError(
+            f"partition {part.label}: the edited image is {new_size} bytes, "
+            f"more than the partition's {limit} bytes",
+            hint=f"grow it with `layout: {{{part.label}: <size>}}` or put less into it",
+        )
+    packed = pack_partition(
+        image, part, plan.chunk_sectors, joined.chunk_digests, files, card,
+        level=level, workers=workers, progress=tick("pack", new_size),
+    )
+    new_list = [p.chunk for p in packed]
+    regenerated = new_list != _chunk_list(part)
+    if regenerated:
+        assert part.script is not None
+        text = regenerate(plan.scripts[part.script], new_list)
+        _write_script(plan, part.script, text, card, epoch)
+    reused = sum(1 for p in packed if p.reused_from is not None)
+    os.unlink(image)
+    return PartitionResult(
+        label=part.label,
+        changed=True,
+        chunks_before=len(part.chunks),
+        chunks_after=len(packed),
+        reused=reused,
+        recompressed=len(packed) - reused,
+        bytes_recompressed=sum(p.chunk.unzip_bytes for p in packed if p.reused_from is None),
+        image_bytes_before=part.image_bytes,
+        image_bytes_after=new_size,
+        script_regenerated=regenerated,
+    )
+
+
+def _write_md5(files: FileSet, plan: FlashPlan, card: Path, changed: bool) -> None:
+    vendor_text: str | None = None
+    if MD5_NAME in plan.files:
+        with files.open(MD5_NAME) as f:
+            vendor_text = f.read().decode("utf-8", errors="replace")
+        if not changed:
+            copy_member(files, MD5_NAME, card / MD5_NAME)
+            return
+    digests = {
+        p.name: file_digest(p, "md5") for p in sorted(card.iterdir()) if p.is_file() and p.name != MD5_NAME
+    }
+    (card / MD5_NAME).write_text(render_md5(digests, vendor_text))

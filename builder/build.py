@@ -106,8 +106,14 @@ def _repack(
     total = sum(p.image_bytes for p in plan.partitions if p.label.upper() in {k.upper() for k in edits}) * 2
     with reporter.progress("repack", max(total, 1)) as advance:
         return repack(
-            files, plan, card, work, edits,
-            level=opts.level, workers=opts.workers, epoch=opts.epoch,
+            files,
+            plan,
+            card,
+            work,
+            edits,
+            level=opts.level,
+            workers=opts.workers,
+            epoch=opts.epoch,
             progress=lambda _label, n, _total: advance(n),
         )
 

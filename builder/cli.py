@@ -28,12 +28,14 @@ class DefaultGroup(click.Group):
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         first = next((a for a in args if not a.startswith("-")), None)
-        if first is not None and first not in self.commands and not any(
-            a in ("--help", "-h", "--version") for a in args
+        if (
+            first is not None
+            and first not in self.commands
+            and not any(a in ("--help", "-h", "--version") for a in args)
         ):
             idx = args.index(first)
             # options given before RECIPE that belong to the group stay where they are
-            args = args[:idx] + ["build"] + args[idx:]
+            args = [*args[:idx], "build", *args[idx:]]
         return super().parse_args(ctx, args)
 
 
@@ -100,13 +102,27 @@ def _reporter(ctx: click.Context) -> Any:
 
 def fetch_options(f: Callable[..., Any]) -> Callable[..., Any]:
     opts = [
-        click.option("--cache-dir", type=click.Path(path_type=Path), envvar="AIRBOX_BUILD_CACHE",
-                     help="Download cache (default: the user's cache dir; env AIRBOX_BUILD_CACHE)."),
+        click.option(
+            "--cache-dir",
+            type=click.Path(path_type=Path),
+            envvar="AIRBOX_BUILD_CACHE",
+            help="Download cache (default: the user's cache dir; env AIRBOX_BUILD_CACHE).",
+        ),
         click.option("--offline", is_flag=True, help="Use only the cache and --input-dir; never download."),
-        click.option("--input-dir", "input_dirs", multiple=True, type=click.Path(path_type=Path,
-                     file_okay=False), help="Folder of hand-downloaded inputs, matched by checksum."),
-        click.option("--mirror", "mirrors", multiple=True, metavar="FROM=TO",
-                     help="Rewrite URLs starting with FROM to start with TO (repeatable)."),
+        click.option(
+            "--input-dir",
+            "input_dirs",
+            multiple=True,
+            type=click.Path(path_type=Path, file_okay=False),
+            help="Folder of hand-downloaded inputs, matched by checksum.",
+        ),
+        click.option(
+            "--mirror",
+            "mirrors",
+            multiple=True,
+            metavar="FROM=TO",
+            help="Rewrite URLs starting with FROM to start with TO (repeatable).",
+        ),
         click.option("--locked", is_flag=True, help="Refuse any input not pinned by sha256."),
     ]
     for o in reversed(opts):
@@ -125,8 +141,13 @@ def _parse_mirrors(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
 
 
 def make_fetch_options(
-    recipe: Any, cache_dir: Path | None, offline: bool, input_dirs: tuple[Path, ...],
-    mirrors: tuple[str, ...], locked: bool, reporter: Any,
+    recipe: Any,
+    cache_dir: Path | None,
+    offline: bool,
+    input_dirs: tuple[Path, ...],
+    mirrors: tuple[str, ...],
+    locked: bool,
+    reporter: Any,
 ) -> Any:
     from builder.fetch import FetchOptions, default_cache_dir
     from builder.lockfile import lock_path_for, read_lock
@@ -145,24 +166,50 @@ def make_fetch_options(
         locked=locked,
         lock=lock,
         progress=reporter.bars,
-        on_event=lambda ev: reporter.event(ev.pop("event", "fetch"), **ev),
+        on_event=lambda ev: _fetch_event(reporter, ev),
     )
+
+
+def _fetch_event(reporter: Any, ev: dict[str, Any]) -> None:
+    ev = dict(ev)
+    kind = ev.pop("event", "fetch")
+    if kind == "warning":
+        # the fetcher also logs it, which prints it for humans; keep it for the report and --json
+        reporter.warnings.append(str(ev.get("message", "")))
+    reporter.event(f"fetch-{kind}" if kind != "warning" else "warning", **ev)
 
 
 @main.command()
 @click.argument("recipe", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("-o", "--output", "output_dir", type=click.Path(path_type=Path, file_okay=False),
-              default=Path("output"), show_default=True, help="Output root; the bundle goes to OUTPUT/<name>/.")
-@click.option("-j", "--jobs", type=click.IntRange(1, 64), default=None, help="Worker threads (default: all cores).")
+@click.option(
+    "-o",
+    "--output",
+    "output_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("output"),
+    show_default=True,
+    help="Output root; the bundle goes to OUTPUT/<name>/.",
+)
+@click.option(
+    "-j", "--jobs", type=click.IntRange(1, 64), default=None, help="Worker threads (default: all cores)."
+)
 @fetch_options
 @click.pass_context
 @guarded
 def build(
-    ctx: click.Context, recipe: Path, output_dir: Path, jobs: int | None, cache_dir: Path | None,
-    offline: bool, input_dirs: tuple[Path, ...], mirrors: tuple[str, ...], locked: bool,
+    ctx: click.Context,
+    recipe: Path,
+    output_dir: Path,
+    jobs: int | None,
+    cache_dir: Path | None,
+    offline: bool,
+    input_dirs: tuple[Path, ...],
+    mirrors: tuple[str, ...],
+    locked: bool,
 ) -> None:
     """Build RECIPE into OUTPUT/<name>/ (card/, SHA256SUMS, build-report.json)."""
-    from builder.build import BuildOptions, build as run_build, source_date_epoch
+    from builder.build import BuildOptions, source_date_epoch
+    from builder.build import build as run_build
     from builder.recipe import load_recipe
 
     reporter = _reporter(ctx)
@@ -180,8 +227,12 @@ def build(
             f"\n  {p['label']}: {p['chunks_after']} chunks, {p['reused']} reused, "
             f"{p['recompressed']} recompressed"
         )
-    reporter.event("result", out_dir=str(result.out_dir), card=str(result.card),
-                   report=str(result.out_dir / "build-report.json"))
+    reporter.event(
+        "result",
+        out_dir=str(result.out_dir),
+        card=str(result.card),
+        report=str(result.out_dir / "build-report.json"),
+    )
     if not reporter.json_mode:
         click.echo(summary, err=reporter.quiet)
 
@@ -197,7 +248,10 @@ def inspect(ctx: click.Context, source: Path, as_json: bool) -> None:
     from builder.package.flashplan import read_flash_plan
     from builder.package.source import open_package
 
-    with tempfile.TemporaryDirectory(prefix="airbox-inspect-") as tmp, open_package(source, Path(tmp)) as files:
+    with (
+        tempfile.TemporaryDirectory(prefix="airbox-inspect-") as tmp,
+        open_package(source, Path(tmp)) as files,
+    ):
         plan = read_flash_plan(files)
         if as_json or (ctx.find_root().obj or {}).get("json"):
             click.echo(json.dumps(plan_to_json(plan), indent=2))
@@ -207,10 +261,16 @@ def inspect(ctx: click.Context, source: Path, as_json: bool) -> None:
 
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path, exists=True))
-@click.option("--simulate", type=click.Path(path_type=Path, dir_okay=False),
-              help="Also play the scripts into this (sparse) eMMC image.")
-@click.option("--extract", type=click.Path(path_type=Path, file_okay=False),
-              help="With --simulate: cut every partition out of the eMMC image into this folder.")
+@click.option(
+    "--simulate",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Also play the scripts into this (sparse) eMMC image.",
+)
+@click.option(
+    "--extract",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="With --simulate: cut every partition out of the eMMC image into this folder.",
+)
 @click.pass_context
 @guarded
 def verify(ctx: click.Context, path: Path, simulate: Path | None, extract: Path | None) -> None:
@@ -221,9 +281,11 @@ def verify(ctx: click.Context, path: Path, simulate: Path | None, extract: Path 
 
     reporter = _reporter(ctx)
     target = path / "card" if (path / "card").is_dir() else path
-    with tempfile.TemporaryDirectory(prefix="airbox-verify-") as tmp, open_package(target, Path(tmp)) as files:
-        with reporter.step("verify"):
-            rep = verify_fileset(files, simulate=simulate)
+    with (
+        tempfile.TemporaryDirectory(prefix="airbox-verify-") as tmp,
+        open_package(target, Path(tmp)) as files,reporter.step("verify")
+    ):
+        rep = verify_fileset(files, simulate=simulate)
     for w in rep.warnings:
         reporter.warn(f"{w.file}: {w.message}")
     for f in rep.failures:
@@ -243,6 +305,110 @@ def verify(ctx: click.Context, path: Path, simulate: Path | None, extract: Path 
     reporter.event("result", ok=True, chunks=rep.chunks_checked, bytes=rep.bytes_checked)
     if not reporter.json_mode:
         click.echo(msg)
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path, dir_okay=False))
+@fetch_options
+@click.pass_context
+@guarded
+def lock(
+    ctx: click.Context,
+    recipe: Path,
+    cache_dir: Path | None,
+    offline: bool,
+    input_dirs: tuple[Path, ...],
+    mirrors: tuple[str, ...],
+    locked: bool,
+) -> None:
+    """Pin every input of RECIPE by size and sha256 in RECIPE.lock (downloads what is not pinned)."""
+    from builder.fetch import lock_inputs
+    from builder.lockfile import lock_path_for, write_lock
+    from builder.recipe import iter_inputs, load_recipe
+
+    reporter = _reporter(ctx)
+    r = load_recipe(recipe)
+    fopts = make_fetch_options(r, cache_dir, offline, input_dirs, mirrors, False, reporter)
+    with reporter.step("lock"):
+        new = lock_inputs(list(iter_inputs(r)), fopts, fopts.lock)
+    path = lock_path_for(r.path)
+    write_lock(path, new)
+    reporter.event("result", lock=str(path), entries=len(new.entries))
+    if not reporter.json_mode:
+        click.echo(f"wrote {path} ({len(new.entries)} inputs pinned)")
+
+
+@main.group()
+def cache() -> None:
+    """Look at or prune the download cache."""
+
+
+def _cache_dir_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--cache-dir",
+        type=click.Path(path_type=Path),
+        envvar="AIRBOX_BUILD_CACHE",
+        help="Download cache (default: the user's cache dir).",
+    )(f)
+
+
+@cache.command("list")
+@_cache_dir_option
+@click.pass_context
+@guarded
+def cache_list_cmd(ctx: click.Context, cache_dir: Path | None) -> None:
+    """List cached inputs: size, sha256, last use, URLs."""
+    from builder.cache import cache_list, default_cache_dir
+
+    entries = cache_list(cache_dir or default_cache_dir())
+    if (ctx.find_root().obj or {}).get("json"):
+        for e in entries:
+            click.echo(
+                json.dumps(
+                    {
+                        "event": "cache-entry",
+                        "path": str(e.path),
+                        "size": e.size,
+                        "sha256": e.sha256,
+                        "urls": list(e.urls),
+                        "partial": e.partial,
+                        "last_used": e.last_used,
+                    },
+                    sort_keys=True,
+                    default=str,
+                )
+            )
+        return
+    total = 0
+    for e in entries:
+        total += e.size
+        state = "partial " if e.partial else ""
+        click.echo(f"{state}{e.size:>14,}  {(e.sha256 or '-')[:16]}  {e.last_used}  {' '.join(e.urls)}")
+    click.echo(f"{len(entries)} entries, {total:,} bytes in {cache_dir or default_cache_dir()}")
+
+
+def parse_age(text: str) -> Any:
+    import re
+    from datetime import timedelta
+
+    m = re.fullmatch(r"\s*(\d+)\s*([smhdw]?)\s*", text)
+    if m is None:
+        raise click.BadParameter(f"{text!r} is not an age like 30d, 12h or 2w", param_hint="--older-than")
+    n, unit = int(m[1]), m[2] or "d"
+    return timedelta(**{{"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}[unit]: n})
+
+
+@cache.command("prune")
+@_cache_dir_option
+@click.option("--older-than", default=None, help="Only entries not used for this long (30d, 12h, 2w).")
+@click.pass_context
+@guarded
+def cache_prune_cmd(ctx: click.Context, cache_dir: Path | None, older_than: str | None) -> None:
+    """Delete cached inputs (all, or those unused for --older-than)."""
+    from builder.cache import cache_prune, default_cache_dir
+
+    res = cache_prune(cache_dir or default_cache_dir(), parse_age(older_than) if older_than else None)
+    click.echo(f"removed {res.files} files, {res.bytes:,} bytes")
 
 
 def run() -> None:

@@ -69,8 +69,11 @@ class Reporter:
     @contextmanager
     def progress(self, label: str, total: int, unit: str = "B") -> Iterator[Any]:
         """A callable `advance(n)` for workers in any thread."""
-        bar = tqdm(total=total, unit=unit, unit_scale=True, desc=label, file=self.stream, leave=False) \
-            if self.bars else None
+        bar = (
+            tqdm(total=total, unit=unit, unit_scale=True, desc=label, file=self.stream, leave=False)
+            if self.bars
+            else None
+        )
         done = 0
         last = 0.0
 

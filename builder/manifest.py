@@ -72,7 +72,9 @@ def render_md5(names_digests: dict[str, str], vendor_text: str | None) -> str:
     elif style == "locale":
         order = sorted(digests, key=_locale_key)
     else:
-        order = [n for n in vendor_names if n in digests] + sorted(n for n in digests if n not in vendor_names)
+        order = [n for n in vendor_names if n in digests] + sorted(
+            n for n in digests if n not in vendor_names
+        )
     return "".join(f"{digests[n]}  {n}\n" for n in order)
 
 

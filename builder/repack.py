@@ -94,9 +94,15 @@ def repack(
         part_edits = [e for label, es in edits.items() if label.upper() == part.label.upper() for e in es]
         if not part_edits:
             result.partitions.append(
-                PartitionResult(part.label, False, len(part.chunks), len(part.chunks),
-                                reused=len(part.chunks), image_bytes_before=part.image_bytes,
-                                image_bytes_after=part.image_bytes)
+                PartitionResult(
+                    part.label,
+                    False,
+                    len(part.chunks),
+                    len(part.chunks),
+                    reused=len(part.chunks),
+                    image_bytes_before=part.image_bytes,
+                    image_bytes_after=part.image_bytes,
+                )
             )
             continue
         if part.script is None:
@@ -154,8 +160,15 @@ def _rebuild_partition(
             hint=f"grow it with `layout: {{{part.label}: <size>}}` or put less into it",
         )
     packed = pack_partition(
-        image, part, plan.chunk_sectors, joined.chunk_digests, files, card,
-        level=level, workers=workers, progress=tick("pack", new_size),
+        image,
+        part,
+        plan.chunk_sectors,
+        joined.chunk_digests,
+        files,
+        card,
+        level=level,
+        workers=workers,
+        progress=tick("pack", new_size),
     )
     new_list = [p.chunk for p in packed]
     regenerated = new_list != _chunk_list(part)

@@ -123,9 +123,7 @@ class _RamModel:
         return bytes(out)
 
 
-def _stream_chunk(
-    files: FileSet, c: ChunkBlock, sink: Callable[[int, bytes], None]
-) -> int:
+def _stream_chunk(files: FileSet, c: ChunkBlock, sink: Callable[[int, bytes], None]) -> int:
     """Decompress one chunk, feeding (offset, data) to `sink`; return its uncompressed size."""
     d = isal_zlib.decompressobj(GZIP_WBITS) if c.unzip_bytes is not None else None
     pos = 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -10,11 +12,11 @@ from builder.errors import PackageError
 from builder.package.scripts import NewChunk, parse_script, regenerate
 
 ERR_LOAD = (
-    'if test $? -ne 0; then\nled status off\nled error off\n'
+    "if test $? -ne 0; then\nled status off\nled error off\n"
     'while true; do; echo "ERROR: load package failed"; sleep 0.5; done; fi;\necho\n\n'
 )
 ERR_WRITE = (
-    'if test $? -ne 0; then\nled status off\nled error off\n'
+    "if test $? -ne 0; then\nled status off\nled error off\n"
     'while true; do; echo "ERROR: eMMC write failed"; sleep 0.5; done; fi;\necho\n\n'
 )
 
@@ -35,7 +37,7 @@ def vendor_script(index: int, label: str, sizes: list[int], offset: int, chunk: 
     if index > 2:
         head += f"bm_savelog mmc 0:1 {index}.log\n"
     head += (
-        f'\nif test -n $load_partition; then if test $load_partition -eq {index + 1}; then '
+        f"\nif test -n $load_partition; then if test $load_partition -eq {index + 1}; then "
         'echo "skip partition $load_partition";  exit; fi; fi;\n\n'
     )
     body = ""
@@ -83,8 +85,12 @@ def test_vendor_lines_between_blocks_are_kept() -> None:
     text = vendor_script(6, "data", [2048 * 512, 2048 * 512, 7], 0x20000, 2048, extra=extra)
     s = parse_script(text, "x.scr")
     assert len(s.chunks) == 3
-    new = [NewChunk(f"data.{k}-of-2.gz", 2048 * 512 if k == 1 else 9, 0x20000 + (k - 1) * 2048, 1 if k == 2 else 2048)
-           for k in (1, 2)]
+    new = [
+        NewChunk(
+            f"data.{k}-of-2.gz", 2048 * 512 if k == 1 else 9, 0x20000 + (k - 1) * 2048, 1 if k == 2 else 2048
+        )
+        for k in (1, 2)
+    ]
     out = regenerate(s, new)
     assert out.count("echo chunk done") == 2  # nothing the vendor wrote is dropped
     assert "data.2-of-2.gz" in out and "0x00000009" in out
@@ -96,7 +102,8 @@ def test_optional_and_script_loads() -> None:
         "if test $? -eq 0; then\nsf probe\nfi\n"
         "load ${devtype} ${devnum}:${distro_bootpart} ${scriptaddr} /$ota_path/boot_emmc.scr\n"
         "source ${scriptaddr}\n"
-        "if load ${devtype} ${devnum}:${distro_bootpart} ${scriptaddr} /$ota_path/post.scr; then source ${scriptaddr}; fi\n"
+        "if load ${devtype} ${devnum}:${distro_bootpart} ${scriptaddr} /$ota_path/post.scr; "
+        "then source ${scriptaddr}; fi\n"
     )
     s = parse_script(text, "boot.scr")
     req = {ld.file: ld.required for ld in s.loads}
@@ -109,7 +116,10 @@ def test_optional_and_script_loads() -> None:
     [
         (lambda t: t.replace("${unzip_addr} 0x00100000", "${unzip_addr}", 1), "has no size"),
         (lambda t: t.replace("unzip ${ramdisk_addr_r}", "unzip ${other}", 1), "unzip reads"),
-        (lambda t: t.replace("mmc write ${unzip_addr} 0x00001000", "mmc write ${unzip_addr} zz", 1), "not a number"),
+        (
+            lambda t: t.replace("mmc write ${unzip_addr} 0x00001000", "mmc write ${unzip_addr} zz", 1),
+            "not a number",
+        ),
     ],
 )
 def test_malformed_scripts_name_the_line(mutate, message) -> None:  # type: ignore[no-untyped-def]
@@ -121,10 +131,8 @@ def test_malformed_scripts_name_the_line(mutate, message) -> None:  # type: igno
 
 @given(st.text(max_size=400))
 def test_parser_never_crashes(text: str) -> None:
-    try:
+    with contextlib.suppress(PackageError):
         parse_script(text, "fuzz.scr")
-    except PackageError:
-        pass
 
 
 @given(st.lists(st.integers(1, 4 * 2048 * 512), min_size=1, max_size=6), st.integers(1, 2**24))

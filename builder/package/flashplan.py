@@ -295,7 +295,9 @@ def _check_chunks(part: PartitionFlash, script: ParsedScript, sizes: Mapping[str
                 hint="the package is incomplete; copy it again or re-download it",
             )
         if c.offset_sectors != expected_offset:
-            what = "gap before" if c.offset_sectors > expected_offset else "overlap with the previous chunk at"
+            what = (
+                "gap before" if c.offset_sectors > expected_offset else "overlap with the previous chunk at"
+            )
             raise PackageError(
                 f"{what} chunk {c.file}: written at 0x{c.offset_sectors:08x}, "
                 f"previous chunk ends at 0x{expected_offset:08x}",

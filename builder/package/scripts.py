@@ -315,9 +315,7 @@ def _substitute(block_lines: Sequence[str], old: ChunkBlock, new: NewChunk) -> l
     sub_line(old.unzip_line, lambda ln: new_words(ln, ("unzip",), {3: _hex(new.unzip_bytes)}))
     sub_line(
         old.write_line,
-        lambda ln: new_words(
-            ln, ("mmc", "write"), {3: _hex(new.offset_sectors), 4: _hex(new.count_sectors)}
-        ),
+        lambda ln: new_words(ln, ("mmc", "write"), {3: _hex(new.offset_sectors), 4: _hex(new.count_sectors)}),
     )
     return out
 

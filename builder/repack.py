@@ -51,7 +51,7 @@ class RepackResult:
 def copy_member(files: FileSet, name: str, dest: Path) -> None:
     copy_to = getattr(files, "copy_to", None)
     if copy_to is not None:
-        copy_to(name, dest)
+        copy_to(name, dest, link=False)  # a hardlink would alias the vendor package
         return
     with files.open(name) as src, open(dest, "wb") as dst:
         shutil.copyfileobj(src, dst, 4 << 20)

@@ -197,7 +197,8 @@ def parse_script(text: bytes | str, name: str) -> ParsedScript:
         elif w[0] == "source" and pending is not None:
             addr = w[1] if len(w) > 1 else pending.address
             if addr == pending.address:
-                sources.append(replace(pending, required=True))
+                # `if test $? -eq 0; then source ...` after an optional load keeps it optional
+                sources.append(replace(pending, required=pending.required or not st.conditional))
             pending = None
         elif w[0] == "unzip" and pending is not None:
             if len(w) < 3:

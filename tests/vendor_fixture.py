@@ -1447,3 +1447,27 @@ def make_form(pkg: MiniPackage, form: str, dest_dir: Path, stem: str = "sdcard",
 def epoch_of(date: str) -> int:
     """UTC 'YYYY-MM-DD HH:MM:SS' to epoch seconds (for tests choosing another epoch)."""
     return calendar.timegm(time.strptime(date, "%Y-%m-%d %H:%M:%S"))
+
+
+def _main(argv: list[str]) -> int:
+    """`python -m tests.vendor_fixture DIR [FORM]`: write the miniature package (and a form of it)."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python -m tests.vendor_fixture DIR [FORM]   (FORM: dir tgz zip img img.zip img.xz)")
+        return 0 if argv else 2
+    root = Path(argv[0])
+    if (root / "sdcard" / "boot.scr").exists():
+        pkg_dir = root / "sdcard"
+        print(pkg_dir)
+        return 0
+    pkg = build_package(root)
+    if len(argv) > 1:
+        print(make_form(pkg, argv[1], root))
+    else:
+        print(pkg.dir)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_main(sys.argv[1:]))

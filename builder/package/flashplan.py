@@ -131,25 +131,15 @@ def read_flash_plan(files: FileSet) -> FlashPlan:
     table = parse_partition_xml(xml_text, xml_name)
     emmc = scripts[EMMC_SCRIPT]
     order = tuple(ref.file for ref in emmc.sources)
-    gpt_script: str | None = None
+    gpt_script = _find_gpt_script(emmc, scripts)
+    gpt = _read_gpt(files, sizes, scripts[gpt_script], table, xml_name)
     by_index: dict[int, tuple[str, tuple[ChunkBlock, ...]]] = {}
     starts = {p.offset_sectors: p for p in table.partitions}
     for ref in emmc.sources:
-        sub = scripts[ref.file]
-        if not sub.chunks:
-            raise PackageError(
-                "sourced by boot_emmc.scr but writes nothing to the eMMC",
-                where=ref.file,
-                hint=f"see {EMMC_SCRIPT} line {ref.line}",
-            )
-        first = sub.chunks[0]
-        if first.offset_sectors == 0:
-            if gpt_script is not None:
-                raise PackageError(
-                    f"both {gpt_script} and {ref.file} write sector 0", where=sub.where(first.write_line)
-                )
-            gpt_script = ref.file
+        if ref.file == gpt_script:
             continue
+        sub = scripts[ref.file]
+        first = sub.chunks[0]
         part = starts.get(first.offset_sectors)
         if part is None:
             raise PackageError(
@@ -164,13 +154,6 @@ def read_flash_plan(files: FileSet) -> FlashPlan:
                 where=sub.where(first.write_line),
             )
         by_index[part.index] = (ref.file, sub.chunks)
-    if gpt_script is None:
-        raise PackageError(
-            f"no script sourced by {EMMC_SCRIPT} writes the GPT at sector 0",
-            where=EMMC_SCRIPT,
-            hint="the vendor package writes gpt.gz first",
-        )
-    gpt = _read_gpt(files, sizes, scripts[gpt_script], table, xml_name)
     partitions = []
     for p in table.partitions:
         script, chunks = by_index.get(p.index, (None, ()))
@@ -225,6 +208,32 @@ def _walk_scripts(
         if ref.file in scripts or (not ref.required and ref.file not in sizes):
             continue
         _walk_scripts(files, sizes, ref.file, (name, ref.line), headers, scripts)
+
+
+def _find_gpt_script(emmc: ParsedScript, scripts: Mapping[str, ParsedScript]) -> str:
+    """The script sourced by boot_emmc.scr that writes sector 0; every sourced script must write."""
+    found: str | None = None
+    for ref in emmc.sources:
+        sub = scripts[ref.file]
+        if not sub.chunks:
+            raise PackageError(
+                "sourced by boot_emmc.scr but writes nothing to the eMMC",
+                where=ref.file,
+                hint=f"see {EMMC_SCRIPT} line {ref.line}",
+            )
+        if sub.chunks[0].offset_sectors == 0:
+            if found is not None:
+                raise PackageError(
+                    f"both {found} and {ref.file} write sector 0", where=sub.where(sub.chunks[0].write_line)
+                )
+            found = ref.file
+    if found is None:
+        raise PackageError(
+            f"no script sourced by {EMMC_SCRIPT} writes the GPT at sector 0",
+            where=EMMC_SCRIPT,
+            hint="the vendor package writes gpt.gz first",
+        )
+    return found
 
 
 def _find_xml(sizes: Mapping[str, int]) -> str:

@@ -17,6 +17,13 @@ from pathlib import Path
 
 import pytest
 import vendor_fixture as vf
+from hypothesis import HealthCheck, settings
+
+# Shared machines are noisy: a per-example deadline would make property tests flaky.
+settings.register_profile(
+    "airbox", deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
+settings.load_profile("airbox")
 
 
 @pytest.fixture(scope="session")

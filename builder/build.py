@@ -12,15 +12,18 @@ from pathlib import Path
 from typing import Any
 
 from builder import __version__
+from builder.customise import customise, needs_customising
+from builder.customise.context import Customiser
 from builder.errors import BuildError
 from builder.events import Reporter
 from builder.fetch import FetchOptions, fetch
+from builder.inputs import InputSpec
 from builder.manifest import write_sha256sums
-from builder.package.chunks import DEFAULT_LEVEL
+from builder.package.chunks import DEFAULT_LEVEL, JoinedImage
 from builder.package.flashplan import FlashPlan, read_flash_plan
 from builder.package.source import open_package
-from builder.recipe import Recipe
-from builder.repack import ImageEdit, RepackResult, repack
+from builder.recipe import Recipe, iter_inputs
+from builder.repack import ImageEdit, RepackResult, apply_edits, repack
 from builder.run import BUILD_TOOLS, require_tools
 
 CARD = "card"
@@ -79,13 +82,23 @@ def build(
         with open_package(base.path, work / "source") as files:
             with reporter.step("read package", form=files.form):
                 plan = read_flash_plan(files)
-            edits: dict[str, list[ImageEdit]] = {}
-            for label, es in (extra_edits or {}).items():
-                edits.setdefault(label, []).extend(es)
+            epoch = opts.epoch if opts.epoch is not None else plan.headers["boot.scr"].timestamp
+            fetched = _fetch_inputs(recipe, opts, reporter)
+            cust = Customiser(
+                recipe, plan, files, work, epoch, reporter, fetched=fetched, workers=opts.workers
+            )
+            images: dict[str, JoinedImage] = {}
+            if needs_customising(cust):
+                with reporter.step("customise"):
+                    customise(cust)
+                    images.update(cust.finish(shrink=recipe.output.shrink))
+            if extra_edits:
+                images.update(apply_edits(files, plan, work, extra_edits, opts.workers))
             with reporter.step("repack"):
-                repacked = _repack(files, plan, card, work, edits, opts, reporter)
+                repacked = _repack(files, plan, card, images, opts, reporter)
         with reporter.step("emit"):
             report = _report(recipe, base, files.form, plan, repacked, reporter)
+            report["changes"] = cust.report()
             (result_dir / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
             write_sha256sums(result_dir / SUMS, result_dir, sorted(p for p in card.rglob("*") if p.is_file()))
             _replace_dir(result_dir, final)
@@ -94,23 +107,33 @@ def build(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _fetch_inputs(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> dict[InputSpec, Path]:
+    """Every input but the base (fetched first, alone): file URLs, app sources and models."""
+    out: dict[InputSpec, Path] = {}
+    specs = [s for s in iter_inputs(recipe) if s is not recipe.base]
+    if specs:
+        with reporter.step("fetch inputs", count=len(specs)):
+            for spec in specs:
+                if spec not in out:
+                    out[spec] = fetch(spec, opts.fetch).path
+    return out
+
+
 def _repack(
     files: Any,
     plan: FlashPlan,
     card: Path,
-    work: Path,
-    edits: Mapping[str, Sequence[ImageEdit]],
+    images: Mapping[str, JoinedImage],
     opts: BuildOptions,
     reporter: Reporter,
 ) -> RepackResult:
-    total = sum(p.image_bytes for p in plan.partitions if p.label.upper() in {k.upper() for k in edits}) * 2
+    total = sum(j.path.stat().st_size for j in images.values())
     with reporter.progress("repack", max(total, 1)) as advance:
         return repack(
             files,
             plan,
             card,
-            work,
-            edits,
+            images,
             level=opts.level,
             workers=opts.workers,
             epoch=opts.epoch,

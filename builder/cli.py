@@ -244,7 +244,7 @@ def build(
 @guarded
 def inspect(ctx: click.Context, source: Path, as_json: bool) -> None:
     """Show the partitions and chunks of a package (folder, .tgz, .zip, .img, .img.zip, .img.xz)."""
-    from builder.inspect import plan_to_json, plan_to_table
+    from builder.describe import plan_to_json, plan_to_table
     from builder.package.flashplan import read_flash_plan
     from builder.package.source import open_package
 

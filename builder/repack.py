@@ -16,7 +16,7 @@ from pathlib import Path
 
 from builder.errors import BuildError
 from builder.manifest import MD5_NAME, file_digest, render_md5
-from builder.package.chunks import join_partition, pack_partition
+from builder.package.chunks import JoinedImage, join_partition, pack_partition
 from builder.package.flashplan import SECTOR, FileSet, FlashPlan, PartitionFlash
 from builder.package.scripts import NewChunk, regenerate
 from builder.package.uimage import encode_script
@@ -78,8 +78,7 @@ def repack(
     files: FileSet,
     plan: FlashPlan,
     card: Path,
-    work: Path,
-    edits: Mapping[str, Sequence[ImageEdit]],
+    images: Mapping[str, JoinedImage],
     *,
     level: int,
     workers: int | None = None,
@@ -91,8 +90,8 @@ def repack(
     replaced: set[str] = set()  # vendor names we do not copy verbatim
     new_names: set[str] = set()
     for part in plan.partitions:
-        part_edits = [e for label, es in edits.items() if label.upper() == part.label.upper() for e in es]
-        if not part_edits:
+        joined = next((j for label, j in images.items() if label.upper() == part.label.upper()), None)
+        if joined is None:
             result.partitions.append(
                 PartitionResult(
                     part.label,
@@ -105,12 +104,7 @@ def repack(
                 )
             )
             continue
-        if part.script is None:
-            raise BuildError(
-                f"the recipe changes partition {part.label}, but the package has no image for it",
-                hint="remove the recipe entries that target this partition",
-            )
-        pr = _rebuild_partition(files, plan, part, part_edits, card, work, level, workers, epoch, progress)
+        pr = _rebuild_partition(files, plan, part, joined, card, level, workers, epoch, progress)
         result.partitions.append(pr)
         replaced.update(c.file for c in part.chunks)
         if pr.script_regenerated:
@@ -133,24 +127,20 @@ def _rebuild_partition(
     files: FileSet,
     plan: FlashPlan,
     part: PartitionFlash,
-    part_edits: Sequence[ImageEdit],
+    joined: JoinedImage,
     card: Path,
-    work: Path,
     level: int,
     workers: int | None,
     epoch: int | None,
     progress: Callable[[str, int, int], None] | None,
 ) -> PartitionResult:
-    image = work / f"{part.stem}.img"
+    image = joined.path
 
     def tick(stage: str, total: int) -> Callable[[int], None] | None:
         if progress is None:
             return None
         return lambda n: progress(f"{stage} {part.label}", n, total)
 
-    joined = join_partition(files, part, image, workers=workers, progress=tick("join", part.image_bytes))
-    for edit in part_edits:
-        edit(image)
     new_size = image.stat().st_size
     limit = part.size_sectors * SECTOR
     if new_size > limit:
@@ -204,3 +194,26 @@ def _write_md5(files: FileSet, plan: FlashPlan, card: Path, changed: bool) -> No
         p.name: file_digest(p, "md5") for p in sorted(card.iterdir()) if p.is_file() and p.name != MD5_NAME
     }
     (card / MD5_NAME).write_text(render_md5(digests, vendor_text))
+
+
+def apply_edits(
+    files: FileSet,
+    plan: FlashPlan,
+    work: Path,
+    edits: Mapping[str, Sequence[ImageEdit]],
+    workers: int | None = None,
+) -> dict[str, JoinedImage]:
+    """Join each partition named in `edits` and run its edit callbacks on the image."""
+    out: dict[str, JoinedImage] = {}
+    for label, fns in edits.items():
+        part = plan.partition(label)
+        if part.script is None:
+            raise BuildError(
+                f"the recipe changes partition {part.label}, but the package has no image for it",
+                hint="remove the recipe entries that target this partition",
+            )
+        joined = join_partition(files, part, work / f"{part.stem}.img", workers=workers)
+        for fn in fns:
+            fn(joined.path)
+        out[part.label.upper()] = joined
+    return out

@@ -1,0 +1,48 @@
+"""Customisation steps, one per recipe section; each returns at once when its section is empty."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from builder.customise.context import Customiser
+from builder.customise.files import files, overlays, remove
+from builder.customise.services import services
+from builder.customise.system import apt, hostname, network, pip
+from builder.customise.users import users
+
+Step = Callable[[Customiser], None]
+
+# Order matters where sections touch the same files: removals first, so a recipe can
+# remove a vendor file and lay its own in its place; explicit files last among writes.
+STEPS: tuple[tuple[str, Step], ...] = (
+    ("remove", remove),
+    ("hostname", hostname),
+    ("network", network),
+    ("apt", apt),
+    ("pip", pip),
+    ("users", users),
+    ("overlays", overlays),
+    ("files", files),
+    ("services", services),
+)
+
+
+def needs_customising(c: Customiser) -> bool:
+    r = c.recipe
+    return bool(
+        r.hostname
+        or r.network
+        or r.apt
+        or r.pip
+        or r.users
+        or r.files
+        or r.overlays
+        or r.remove
+        or r.services.enable
+        or r.services.disable
+    )
+
+
+def customise(c: Customiser) -> None:
+    for _name, step in STEPS:
+        step(c)

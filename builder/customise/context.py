@@ -1,0 +1,574 @@
+"""The state the customisation steps share: images, routing, accounts, edits and the report.
+
+Steps record edits through this object; nothing touches an image until `finish()`,
+which checks the space budget of every partition first, then applies each
+partition's edits in one debugfs batch, checks the result and shrinks it again.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import posixpath
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from builder.errors import BuildError, RecipeError
+from builder.events import Reporter
+from builder.fs.ext4 import EditBatch, Ext4Image, FileType, Inode
+from builder.package.chunks import JoinedImage, join_partition
+from builder.package.flashplan import SECTOR, FileSet, FlashPlan, PartitionFlash
+from builder.recipe import Owner, Recipe
+from builder.units import format_size
+
+ROOTFS = "ROOTFS"
+ROOTFS_RW = "ROOTFS_RW"
+OVERLAY_UPPER = "/overlay"  # upperdir=/media/root-rw/overlay (FORMAT.md section 6)
+OPAQUE = "trusted.overlay.opaque"
+FSTAB = "/etc/fstab.emmc.ro"
+DIFF_MAX = 64 << 10
+REFUSED_MOUNTS = ("/boot", "/recovery")
+
+
+@dataclass(frozen=True)
+class Account:
+    name: str
+    uid: int
+    gid: int
+    home: str
+
+
+@dataclass
+class Change:
+    """One line of the build report: what happened to one path."""
+
+    partition: str
+    path: str  # the path inside the partition image
+    device_path: str  # the path as the running box sees it
+    action: str  # added | changed | removed | shadow-removed | opaque-cleared
+    type: str = "file"
+    mode: str | None = None
+    owner: str | None = None
+    size: int | None = None
+    sha256: str | None = None
+    target: str | None = None  # symlinks
+    origin: str = ""
+    diff: str | None = None
+
+
+@dataclass
+class _Pending:
+    """A file write waiting for finish(): kept to fill the report and the diff."""
+
+    label: str
+    inner: str
+    device_path: str
+    data: bytes | None
+    src: Path | None
+    mode: int
+    uid: int
+    gid: int
+    origin: str
+
+
+@dataclass(frozen=True)
+class Mount:
+    point: str
+    label: str
+
+
+class Customiser:
+    def __init__(
+        self,
+        recipe: Recipe,
+        plan: FlashPlan,
+        files: FileSet,
+        work: Path,
+        epoch: int,
+        reporter: Reporter,
+        *,
+        fetched: Mapping[Any, Path] | None = None,
+        workers: int | None = None,
+        limits: Mapping[str, int] | None = None,
+    ) -> None:
+        self.recipe = recipe
+        self.plan = plan
+        self.files = files
+        self.work = work
+        self.epoch = epoch
+        self.reporter = reporter
+        self.fetched = dict(fetched or {})
+        self.workers = workers
+        self.limits = {k.upper(): v for k, v in (limits or {}).items()}  # partition label -> bytes
+        self.changes: list[Change] = []
+        self._joined: dict[str, JoinedImage] = {}
+        self._images: dict[str, Ext4Image] = {}
+        self._batches: dict[str, EditBatch] = {}
+        self._pending: list[_Pending] = []
+        self._written_root: dict[str, str] = {}  # ROOTFS inner path -> origin, for overlay shadows
+        self._mounts: list[Mount] | None = None
+        self._accounts: tuple[dict[str, Account], dict[str, int]] | None = None
+        self._stat_cache: dict[tuple[str, str], Inode | None] = {}
+        self.after_apply: list[Callable[[], None]] = []
+
+    # ------------------------------------------------------------------ images
+
+    def partition(self, label: str) -> PartitionFlash:
+        return self.plan.partition(label)
+
+    def has_partition(self, label: str) -> bool:
+        return any(p.label.upper() == label.upper() for p in self.plan.partitions)
+
+    def image(self, label: str) -> Ext4Image:
+        """The partition's ext4 image, joined from its chunks on first use (read or edit)."""
+        part = self.partition(label)
+        key = part.label.upper()
+        if key not in self._images:
+            if part.fmt != 2:
+                raise BuildError(
+                    f"partition {part.label} is {part.fmt_name}, not ext4: airbox-build edits only ext4",
+                    hint="target a path on ROOTFS, ROOTFS_RW (layer: overlay), OPT or DATA",
+                )
+            if not part.chunks:
+                raise BuildError(f"partition {part.label} has no image in the package to edit")
+            dest = self.work / f"{part.stem}.img"
+            with self.reporter.progress(f"join {part.label}", part.image_bytes) as advance:
+                self._joined[key] = join_partition(
+                    self.files, part, dest, workers=self.workers, progress=advance
+                )
+            self._images[key] = Ext4Image(dest, epoch=self.epoch)
+        return self._images[key]
+
+    def batch(self, label: str) -> EditBatch:
+        key = self.partition(label).label.upper()
+        if key not in self._batches:
+            self._batches[key] = self.image(key).edit(epoch=self.epoch)
+        return self._batches[key]
+
+    def stat(self, label: str, inner: str) -> Inode | None:
+        key = (label.upper(), inner)
+        if key not in self._stat_cache:
+            self._stat_cache[key] = self.image(label).stat(inner)
+        return self._stat_cache[key]
+
+    # ------------------------------------------------------------------ routing
+
+    def mounts(self) -> list[Mount]:
+        """Mount points from the image's /etc/fstab.emmc.ro, longest first."""
+        if self._mounts is None:
+            self._mounts = _parse_fstab(self.read_text_root(FSTAB) or "", self.plan)
+            self._mounts.sort(key=lambda m: len(m.point), reverse=True)
+        return self._mounts
+
+    def route(self, device_path: str, where: str, *, layer: str = "base") -> tuple[str, str]:
+        """(partition label, path inside it) for a device path."""
+        path = posixpath.normpath(device_path)
+        for refused in REFUSED_MOUNTS:
+            if path == refused or path.startswith(refused + "/"):
+                raise RecipeError(
+                    f"writing under {refused} is not supported ({device_path})",
+                    where=where,
+                    hint="the boot and recovery partitions are kept as the vendor made them",
+                )
+        label, inner = ROOTFS, path
+        for m in self.mounts():
+            if path == m.point or path.startswith(m.point.rstrip("/") + "/"):
+                label, inner = m.label, "/" + path[len(m.point) :].lstrip("/")
+                break
+        if layer == "overlay":
+            if label.upper() != ROOTFS:
+                raise RecipeError(
+                    f"layer: overlay applies to root paths only; {device_path} is on {label}",
+                    where=where,
+                )
+            return ROOTFS_RW, posixpath.join(OVERLAY_UPPER, path.lstrip("/")).rstrip("/")
+        return label, inner
+
+    # ------------------------------------------------------------------ reading the image
+
+    def read_text_root(self, device_path: str) -> str | None:
+        """A text file of the root filesystem as the box sees it (overlay upper wins)."""
+        if self.has_partition(ROOTFS_RW) and self.partition(ROOTFS_RW).chunks:
+            rw = self.image(ROOTFS_RW)
+            upper = posixpath.join(OVERLAY_UPPER, device_path.lstrip("/"))
+            st = rw.resolve(upper)
+            if st is not None and st.type == FileType.FILE:
+                return rw.read_text(upper)
+        img = self.image(ROOTFS)
+        st = img.resolve(device_path)
+        if st is None or st.type != FileType.FILE:
+            return None
+        return img.read_text(device_path)
+
+    def accounts(self) -> tuple[dict[str, Account], dict[str, int]]:
+        if self._accounts is None:
+            users: dict[str, Account] = {}
+            groups: dict[str, int] = {}
+            for line in (self.read_text_root("/etc/passwd") or "").splitlines():
+                f = line.split(":")
+                if len(f) >= 7 and f[2].isdigit() and f[3].isdigit():
+                    users[f[0]] = Account(f[0], int(f[2]), int(f[3]), f[5])
+            for line in (self.read_text_root("/etc/group") or "").splitlines():
+                f = line.split(":")
+                if len(f) >= 3 and f[2].isdigit():
+                    groups[f[0]] = int(f[2])
+            if "root" not in users:
+                users["root"] = Account("root", 0, 0, "/root")
+            groups.setdefault("root", 0)
+            self._accounts = (users, groups)
+        return self._accounts
+
+    def user(self, name: str, where: str) -> Account:
+        users, _ = self.accounts()
+        if name not in users:
+            close = difflib.get_close_matches(name, list(users), n=1)
+            raise RecipeError(
+                f"user {name!r} does not exist in the image's /etc/passwd",
+                where=where,
+                hint=(f"did you mean {close[0]!r}? " if close else "")
+                + f"users in the image: {', '.join(sorted(u for u in users if users[u].uid >= 1000)) or 'none'}",
+            )
+        return users[name]
+
+    def owner(self, owner: Owner | None, where: str) -> tuple[int, int]:
+        if owner is None:
+            return 0, 0
+        acct = self.user(owner.user, where)
+        if owner.group is None:
+            return acct.uid, acct.gid
+        _, groups = self.accounts()
+        if owner.group not in groups:
+            close = difflib.get_close_matches(owner.group, list(groups), n=1)
+            raise RecipeError(
+                f"group {owner.group!r} does not exist in the image's /etc/group",
+                where=where,
+                hint=f"did you mean {close[0]!r}?" if close else "list the groups with: airbox-build inspect",
+            )
+        return acct.uid, groups[owner.group]
+
+    # ------------------------------------------------------------------ recording edits
+
+    def write(
+        self,
+        device_path: str,
+        *,
+        data: bytes | None = None,
+        src: Path | None = None,
+        mode: int = 0o644,
+        uid: int = 0,
+        gid: int = 0,
+        origin: str,
+        layer: str = "base",
+        keep_existing_attrs: bool = False,
+    ) -> None:
+        """Write a file; with keep_existing_attrs, an existing file keeps its mode and owner."""
+        label, inner = self.route(device_path, origin, layer=layer)
+        if keep_existing_attrs:
+            st = self.stat(label, inner)
+            if st is not None and st.type == FileType.FILE:
+                mode, uid, gid = st.mode & 0o7777, st.uid, st.gid
+        batch = self.batch(label)
+        if data is not None:
+            batch.write_bytes(inner, data, mode, uid, gid)
+        else:
+            assert src is not None
+            batch.write(inner, src, mode, uid, gid)
+        self._pending.append(_Pending(label, inner, device_path, data, src, mode, uid, gid, origin))
+        if label.upper() == ROOTFS:
+            self._written_root[inner] = origin
+
+    def mkdir(
+        self, device_path: str, *, mode: int, uid: int, gid: int, origin: str, layer: str = "base"
+    ) -> None:
+        label, inner = self.route(device_path, origin, layer=layer)
+        st = self.stat(label, inner)
+        if st is None:
+            self.batch(label).makedirs(inner, mode, uid, gid)
+        elif not st.is_dir:
+            raise RecipeError(f"{device_path} exists in the image and is not a directory", where=origin)
+        elif (st.mode & 0o7777, st.uid, st.gid) == (mode, uid, gid):
+            return
+        else:
+            self.batch(label).chmod(inner, mode).chown(inner, uid, gid)
+        self._record(
+            label, inner, device_path, "added" if st is None else "changed", "dir", mode, uid, gid, origin
+        )
+        if label.upper() == ROOTFS:
+            self._written_root[inner] = origin
+
+    def symlink(
+        self, device_path: str, target: str, *, uid: int, gid: int, origin: str, layer: str = "base"
+    ) -> None:
+        label, inner = self.route(device_path, origin, layer=layer)
+        st = self.stat(label, inner)
+        self.batch(label).symlink(inner, target, uid, gid)
+        ch = self._record(
+            label,
+            inner,
+            device_path,
+            "added" if st is None else "changed",
+            "symlink",
+            0o777,
+            uid,
+            gid,
+            origin,
+        )
+        ch.target = target
+        if label.upper() == ROOTFS:
+            self._written_root[inner] = origin
+
+    def remove(self, device_path: str, *, origin: str, missing_ok: bool = True) -> bool:
+        """Remove a path from the box's view: from ROOTFS and from the overlay upper layer."""
+        label, inner = self.route(device_path, origin)
+        removed = False
+        st = self.stat(label, inner)
+        if st is not None:
+            self.batch(label).remove(inner, recursive=st.is_dir)
+            self._record(label, inner, device_path, "removed", st.type.value, None, st.uid, st.gid, origin)
+            removed = True
+        if label.upper() == ROOTFS and self._has_rw():
+            upper = posixpath.join(OVERLAY_UPPER, inner.lstrip("/"))
+            ust = self.stat(ROOTFS_RW, upper)
+            if ust is not None and not ust.is_whiteout:
+                self.batch(ROOTFS_RW).remove(upper, recursive=ust.is_dir)
+                self._record(
+                    ROOTFS_RW, upper, device_path, "removed", ust.type.value, None, ust.uid, ust.gid, origin
+                )
+                removed = True
+        if not removed and not missing_ok:
+            raise RecipeError(f"{device_path} does not exist in the image", where=origin)
+        return removed
+
+    def _record(
+        self,
+        label: str,
+        inner: str,
+        device_path: str,
+        action: str,
+        typ: str,
+        mode: int | None,
+        uid: int | None,
+        gid: int | None,
+        origin: str,
+    ) -> Change:
+        ch = Change(
+            partition=self.partition(label).label,
+            path=inner,
+            device_path=device_path,
+            action=action,
+            type=typ,
+            mode=f"{mode:04o}" if mode is not None else None,
+            owner=f"{uid}:{gid}" if uid is not None else None,
+            origin=origin,
+        )
+        self.changes.append(ch)
+        return ch
+
+    def _has_rw(self) -> bool:
+        return self.has_partition(ROOTFS_RW) and bool(self.partition(ROOTFS_RW).chunks)
+
+    # ------------------------------------------------------------------ finishing
+
+    def _resolve_pending(self) -> None:
+        """Fill the report for pending writes: added or changed, digest, diff of config text."""
+        by_label: dict[str, list[_Pending]] = {}
+        for p in self._pending:
+            by_label.setdefault(p.label.upper(), []).append(p)
+        for label, items in by_label.items():
+            stats = self.image(label).stat_many([p.inner for p in items])
+            for p in items:
+                data = p.data if p.data is not None else None
+                size = len(data) if data is not None else p.src.stat().st_size if p.src else 0
+                digest = hashlib.sha256(data).hexdigest() if data is not None else _file_sha256(p.src)
+                old = stats.get(p.inner)
+                ch = self._record(
+                    label,
+                    p.inner,
+                    p.device_path,
+                    "added" if old is None else "changed",
+                    "file",
+                    p.mode,
+                    p.uid,
+                    p.gid,
+                    p.origin,
+                )
+                ch.size, ch.sha256 = size, digest
+                if (
+                    old is not None
+                    and old.type == FileType.FILE
+                    and old.size <= DIFF_MAX
+                    and size <= DIFF_MAX
+                ):
+                    new_bytes = data if data is not None else p.src.read_bytes() if p.src else b""
+                    ch.diff = _text_diff(self.image(label).read_file(p.inner), new_bytes, p.device_path)
+
+    def _clear_overlay_shadows(self) -> None:
+        """A file written to ROOTFS must be what the box sees: drop what ROOTFS_RW puts over it."""
+        if not self._written_root or not self._has_rw():
+            return
+        rw = self.image(ROOTFS_RW)
+        candidates: dict[str, str] = {}
+        for inner, origin in self._written_root.items():
+            parts = [p for p in inner.split("/") if p]
+            for i in range(1, len(parts) + 1):
+                candidates.setdefault(posixpath.join(OVERLAY_UPPER, *parts[:i]), origin)
+        stats = rw.stat_many(sorted(candidates))
+        for upper, st in sorted(stats.items()):
+            if st is None:
+                continue
+            device = "/" + upper[len(OVERLAY_UPPER) :].lstrip("/")
+            origin = candidates[upper]
+            exact = device in {"/" + k.lstrip("/") for k in self._written_root}
+            if st.is_whiteout or (exact and not st.is_dir):
+                self.batch(ROOTFS_RW).remove(upper)
+                ch = self._record(
+                    ROOTFS_RW,
+                    upper,
+                    device,
+                    "shadow-removed",
+                    st.type.value,
+                    st.mode & 0o7777,
+                    st.uid,
+                    st.gid,
+                    origin,
+                )
+                ch.diff = "whiteout" if st.is_whiteout else "upper-layer copy"
+                self.reporter.warn(
+                    f"ROOTFS_RW held {'a whiteout' if st.is_whiteout else 'a copy'} of {device} "
+                    f"that would hide what the recipe writes: removed it"
+                )
+            elif st.is_dir and rw.get_xattr(upper, OPAQUE) is not None:
+                self.batch(ROOTFS_RW).remove_xattr(upper, OPAQUE)
+                self._record(
+                    ROOTFS_RW,
+                    upper,
+                    device,
+                    "opaque-cleared",
+                    "dir",
+                    st.mode & 0o7777,
+                    st.uid,
+                    st.gid,
+                    origin,
+                )
+                self.reporter.warn(
+                    f"ROOTFS_RW's overlay made {device} opaque, hiding the recipe's files: cleared it "
+                    "(the vendor files under it become visible again)"
+                )
+
+    def limit(self, label: str) -> int:
+        part = self.partition(label)
+        return self.limits.get(part.label.upper(), part.size_sectors * SECTOR)
+
+    def finish(self, *, shrink: bool) -> dict[str, JoinedImage]:
+        """Apply every batch; return the edited images of the partitions that changed."""
+        self._clear_overlay_shadows()
+        self._resolve_pending()
+        self._check_budget()
+        changed: dict[str, JoinedImage] = {}
+        for label, batch in sorted(self._batches.items()):
+            if not len(batch):
+                continue
+            img = self._images[label]
+            need = batch.estimate()
+            with self.reporter.step(f"edit {label}", operations=len(batch)):
+                img.ensure_room(need, limit=self.limit(label), headroom=1 << 20)
+                batch.apply()
+                img.check()
+                if shrink:
+                    img.shrink_to_min()
+            changed[label] = self._joined[label]
+        for fn in self.after_apply:
+            fn()
+        return changed
+
+    def _check_budget(self) -> None:
+        for label, batch in sorted(self._batches.items()):
+            if not len(batch):
+                continue
+            img = self._images[label]
+            need = batch.estimate()
+            info = img.info()
+            limit = self.limit(label)
+            available = limit - info.size_bytes + info.free_bytes
+            if need.bytes + (1 << 20) > available:
+                short = need.bytes + (1 << 20) - available
+                suggest = _round_up_gib(limit + short + (limit // 10))
+                raise BuildError(
+                    f"partition {label}: the recipe adds about {format_size(need.bytes)} ({need.bytes} bytes), "
+                    f"but only {format_size(max(available, 0))} ({available} bytes) can be free in its "
+                    f"{format_size(limit)} partition (image uses {format_size(info.size_bytes - info.free_bytes)}); "
+                    f"short by {format_size(short)}",
+                    hint=f"grow it in the recipe: `layout: {{{label}: {suggest}}}`, or put less into it",
+                )
+
+    def report(self) -> list[dict[str, Any]]:
+        return [asdict(c) for c in sorted(self.changes, key=lambda c: (c.partition, c.path, c.action))]
+
+
+def _round_up_gib(n: int) -> str:
+    gib = 1 << 30
+    if n < gib:
+        return f"{-(-n // (1 << 20))}MiB"
+    return f"{-(-n // gib)}GiB"
+
+
+def _file_sha256(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _text_diff(old: bytes, new: bytes, name: str) -> str | None:
+    try:
+        a, b = old.decode("utf-8"), new.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if a == b:
+        return ""
+    lines = difflib.unified_diff(a.splitlines(True), b.splitlines(True), f"a{name}", f"b{name}")
+    return "".join(lines)
+
+
+def _parse_fstab(text: str, plan: FlashPlan) -> list[Mount]:
+    """Mount points of the eMMC partitions; the overlay root itself is ROOTFS."""
+    by_number = {p.index + 1: p.label for p in plan.partitions}
+    by_label = {p.label.upper(): p.label for p in plan.partitions}
+    by_partuuid = {
+        str(e.unique_guid).lower(): by_number.get(i + 1, "")
+        for i, e in enumerate(getattr(plan.gpt, "entries", ()))
+        if getattr(e, "unique_guid", None) is not None
+    }
+    mounts = []
+    for line in text.splitlines():
+        f = line.split()
+        if len(f) < 2 or f[0].startswith("#"):
+            continue
+        dev, point = f[0], posixpath.normpath(f[1])
+        label = _device_label(dev, by_number, by_label, by_partuuid)
+        if label is None or point == "/":
+            continue
+        if point in ("/media/root-ro",):
+            continue  # the lower layer: device paths under / already go to ROOTFS
+        mounts.append(Mount(point, label))
+    return mounts
+
+
+def _device_label(
+    dev: str, by_number: Mapping[int, str], by_label: Mapping[str, str], by_partuuid: Mapping[str, str]
+) -> str | None:
+    import re
+
+    m = re.fullmatch(r"/dev/mmcblk\d+p(\d+)", dev)
+    if m:
+        return by_number.get(int(m[1]))
+    if dev.startswith("PARTLABEL="):
+        return by_label.get(dev.split("=", 1)[1].strip("\"'").upper())
+    if dev.startswith("PARTUUID="):
+        return by_partuuid.get(dev.split("=", 1)[1].strip("\"'").lower()) or None
+    return None

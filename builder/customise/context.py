@@ -224,11 +224,12 @@ class Customiser:
         users, _ = self.accounts()
         if name not in users:
             close = difflib.get_close_matches(name, list(users), n=1)
+            regular = ", ".join(sorted(u for u in users if users[u].uid >= 1000)) or "none"
             raise RecipeError(
                 f"user {name!r} does not exist in the image's /etc/passwd",
                 where=where,
                 hint=(f"did you mean {close[0]!r}? " if close else "")
-                + f"users in the image: {', '.join(sorted(u for u in users if users[u].uid >= 1000)) or 'none'}",
+                + f"users in the image: {regular}",
             )
         return users[name]
 
@@ -495,10 +496,11 @@ class Customiser:
             if need.bytes + (1 << 20) > available:
                 short = need.bytes + (1 << 20) - available
                 suggest = _round_up_gib(limit + short + (limit // 10))
+                used = info.size_bytes - info.free_bytes
                 raise BuildError(
                     f"partition {label}: the recipe adds about {format_size(need.bytes)} ({need.bytes} bytes), "
                     f"but only {format_size(max(available, 0))} ({available} bytes) can be free in its "
-                    f"{format_size(limit)} partition (image uses {format_size(info.size_bytes - info.free_bytes)}); "
+                    f"{format_size(limit)} partition (image uses {format_size(used)}); "
                     f"short by {format_size(short)}",
                     hint=f"grow it in the recipe: `layout: {{{label}: {suggest}}}`, or put less into it",
                 )

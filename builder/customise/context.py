@@ -498,7 +498,8 @@ class Customiser:
                 suggest = _round_up_gib(limit + short + (limit // 10))
                 used = info.size_bytes - info.free_bytes
                 raise BuildError(
-                    f"partition {label}: the recipe adds about {format_size(need.bytes)} ({need.bytes} bytes), "
+                    f"partition {label}: the recipe adds about {format_size(need.bytes)} "
+                    f"({need.bytes} bytes), "
                     f"but only {format_size(max(available, 0))} ({available} bytes) can be free in its "
                     f"{format_size(limit)} partition (image uses {format_size(used)}); "
                     f"short by {format_size(short)}",

@@ -138,11 +138,9 @@ def test_every_injected_path_reads_back(full_build) -> None:  # type: ignore[no-
     assert doc["ethernets"]["eth1"]["nameservers"] == {"addresses": ["223.5.5.5", "119.29.29.29"]}
     assert "127.0.1.1\tairbox-01\n" in cat(rootfs, "/etc/hosts").decode()
     sources = cat(rootfs, "/etc/apt/sources.list").decode()
+    mirror = "https://mirrors.tuna.tsinghua.edu.cn/ubuntu-ports/"
     for suite in ("focal", "focal-updates", "focal-backports", "focal-security"):
-        assert (
-            f"deb https://mirrors.tuna.tsinghua.edu.cn/ubuntu-ports/ {suite} main restricted universe multiverse"
-            in sources
-        )
+        assert f"deb {mirror} {suite} main restricted universe multiverse" in sources
     pipconf = cat(rootfs, "/etc/pip.conf").decode()
     assert "index-url = https://pypi.tuna.tsinghua.edu.cn/simple" in pipconf
     assert "trusted-host = pypi.tuna.tsinghua.edu.cn" in pipconf

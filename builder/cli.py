@@ -26,7 +26,12 @@ EXIT_INTERRUPTED = 130
 class DefaultGroup(click.Group):
     """`airbox-build RECIPE` means `airbox-build build RECIPE`."""
 
+    GLOBAL_FLAGS = ("--debug", "--quiet", "-q", "--json")
+
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # global flags may be given anywhere on the line: `airbox-build RECIPE --json`
+        flags = [a for a in args if a in self.GLOBAL_FLAGS]
+        args = flags + [a for a in args if a not in self.GLOBAL_FLAGS]
         first = next((a for a in args if not a.startswith("-")), None)
         if (
             first is not None
@@ -34,7 +39,6 @@ class DefaultGroup(click.Group):
             and not any(a in ("--help", "-h", "--version") for a in args)
         ):
             idx = args.index(first)
-            # options given before RECIPE that belong to the group stay where they are
             args = [*args[:idx], "build", *args[idx:]]
         return super().parse_args(ctx, args)
 

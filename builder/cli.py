@@ -197,6 +197,17 @@ def _fetch_event(reporter: Any, ev: dict[str, Any]) -> None:
 @click.option(
     "-j", "--jobs", type=click.IntRange(1, 64), default=None, help="Worker threads (default: all cores)."
 )
+@click.option(
+    "--image/--no-image",
+    default=None,
+    help="Also write OUTPUT/<name>/<name>.img, a card image for Etcher/dd (default: recipe output.image).",
+)
+@click.option(
+    "--zip/--no-zip",
+    "zip_",
+    default=None,
+    help="Also write OUTPUT/<name>/<name>.zip of the card folder (default: recipe output.zip).",
+)
 @fetch_options
 @click.pass_context
 @guarded
@@ -205,6 +216,8 @@ def build(
     recipe: Path,
     output_dir: Path,
     jobs: int | None,
+    image: bool | None,
+    zip_: bool | None,
     cache_dir: Path | None,
     offline: bool,
     input_dirs: tuple[Path, ...],
@@ -214,12 +227,15 @@ def build(
     """Build RECIPE into OUTPUT/<name>/ (card/, SHA256SUMS, build-report.json)."""
     from builder.build import BuildOptions, source_date_epoch
     from builder.build import build as run_build
+    from builder.emit import result_fields
     from builder.recipe import load_recipe
 
     reporter = _reporter(ctx)
     r = load_recipe(recipe)
     fopts = make_fetch_options(r, cache_dir, offline, input_dirs, mirrors, locked, reporter)
-    opts = BuildOptions(output_dir=output_dir, fetch=fopts, workers=jobs, epoch=source_date_epoch())
+    opts = BuildOptions(
+        output_dir=output_dir, fetch=fopts, workers=jobs, epoch=source_date_epoch(), image=image, zip=zip_
+    )
     result = run_build(r, opts, reporter)
     changed = [p for p in result.report["partitions"] if p["changed"]]
     summary = (
@@ -231,14 +247,17 @@ def build(
             f"\n  {p['label']}: {p['chunks_after']} chunks, {p['reused']} reused, "
             f"{p['recompressed']} recompressed"
         )
+    for a in result.artifacts:
+        summary += f"\n  {a.kind}: {result.out_dir / a.name} ({a.size:,} bytes)"
     reporter.event(
         "result",
         out_dir=str(result.out_dir),
         card=str(result.card),
         report=str(result.out_dir / "build-report.json"),
+        **result_fields(result.out_dir, result.artifacts),
     )
-    if not reporter.json_mode:
-        click.echo(summary, err=reporter.quiet)
+    if not reporter.json_mode and not reporter.quiet:
+        click.echo(summary)
 
 
 @main.command()

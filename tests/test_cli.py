@@ -98,3 +98,65 @@ def test_version_and_help() -> None:
     assert out.returncode == 0
     for cmd in ("build", "inspect", "verify", "lock", "cache"):
         assert cmd in out.stdout
+
+
+def test_lock_then_locked_build_and_cache_commands(
+    shared_vendor_form, vendor_package_session, tmp_path: Path
+) -> None:
+    import yaml
+
+    tgz = shared_vendor_form("tgz")
+    data = tgz.read_bytes()
+    cache = tmp_path / "cache"
+    with LocalHTTPServer() as srv:
+        srv.add("/sdcard.tgz", data)
+        srv.add("/motd", b"hello from the web\n")
+        recipe = write_recipe(
+            tmp_path,
+            {"url": srv.url("/sdcard.tgz"), "md5": hashlib.md5(data).hexdigest()},
+            name="locked",
+            files=[
+                {
+                    "path": "/etc/motd",
+                    "url": srv.url("/motd"),
+                    "md5": hashlib.md5(b"hello from the web\n").hexdigest(),
+                }
+            ],
+        )
+        # md5-only pins: --locked refuses before downloading anything
+        out = cli(recipe, "--locked", "-o", tmp_path / "out", "--cache-dir", cache)
+        assert out.returncode == 1 and "sha256" in out.stderr and "Traceback" not in out.stderr
+        assert srv.gets("/sdcard.tgz") == []
+        out = cli("lock", recipe, "--cache-dir", cache)
+        assert out.returncode == 0, out.stderr
+        lock = yaml.safe_load(recipe.with_name("locked.yaml.lock").read_text())
+        text = json.dumps(lock)
+        assert hashlib.sha256(data).hexdigest() in text
+        assert hashlib.sha256(b"hello from the web\n").hexdigest() in text
+        out = cli(recipe, "--locked", "-o", tmp_path / "out", "--cache-dir", cache)
+        assert out.returncode == 0, out.stderr
+    # the server is gone: an offline rebuild is served from the cache
+    out = cli(recipe, "--locked", "--offline", "-o", tmp_path / "out2", "--cache-dir", cache)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "out2" / "locked" / "card").is_dir()
+    listing = cli("cache", "list", "--cache-dir", cache)
+    assert listing.returncode == 0 and "sdcard.tgz" in listing.stdout
+    pruned = cli("cache", "prune", "--cache-dir", cache)
+    assert pruned.returncode == 0 and "removed" in pruned.stdout
+    out = cli(recipe, "--offline", "-o", tmp_path / "out3", "--cache-dir", cache)
+    assert out.returncode == 1 and "offline" in out.stderr.lower()
+
+
+def test_input_dir_matches_by_checksum(shared_vendor_form, tmp_path: Path) -> None:
+    tgz = shared_vendor_form("tgz")
+    data = tgz.read_bytes()
+    hand = tmp_path / "downloads"
+    hand.mkdir()
+    (hand / "renamed-by-browser (1).bin").write_bytes(data)
+    recipe = write_recipe(
+        tmp_path,
+        {"url": "https://unreachable.invalid/sdcard.tgz", "sha256": hashlib.sha256(data).hexdigest()},
+        name="handmade",
+    )
+    out = cli(recipe, "--input-dir", hand, "--offline", "-o", tmp_path / "out", "--cache-dir", tmp_path / "c")
+    assert out.returncode == 0, out.stderr

@@ -14,6 +14,7 @@ from typing import Any
 from builder import __version__
 from builder.customise import customise, needs_customising
 from builder.customise.context import Customiser
+from builder.emit import Artifact, emit_artifacts
 from builder.errors import BuildError
 from builder.events import Reporter
 from builder.fetch import FetchOptions, fetch
@@ -21,6 +22,7 @@ from builder.inputs import InputSpec
 from builder.manifest import write_sha256sums
 from builder.package.chunks import DEFAULT_LEVEL, JoinedImage
 from builder.package.flashplan import FlashPlan, read_flash_plan
+from builder.package.layout import LayoutChange, apply_layout
 from builder.package.source import open_package
 from builder.recipe import Recipe, iter_inputs
 from builder.repack import ImageEdit, RepackResult, apply_edits, repack
@@ -38,6 +40,8 @@ class BuildOptions:
     workers: int | None = None
     level: int = DEFAULT_LEVEL
     epoch: int | None = None  # SOURCE_DATE_EPOCH, when set
+    image: bool | None = None  # also write <name>.img; None: as the recipe's output.image says
+    zip: bool | None = None  # also write <name>.zip; None: as the recipe's output.zip says
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ class BuildResult:
     out_dir: Path
     card: Path
     report: dict[str, Any]
+    artifacts: tuple[Artifact, ...] = ()  # <name>.img / <name>.zip, beside card/
 
 
 def source_date_epoch() -> int | None:
@@ -83,9 +88,12 @@ def build(
             with reporter.step("read package", form=files.form):
                 plan = read_flash_plan(files)
             epoch = opts.epoch if opts.epoch is not None else plan.headers["boot.scr"].timestamp
+            layout = _plan_layout(recipe, plan, reporter)
+            limits = {p.label: p.size_bytes for p in layout.table.partitions} if layout else None
             fetched = _fetch_inputs(recipe, opts, reporter)
             cust = Customiser(
-                recipe, plan, files, work, epoch, reporter, fetched=fetched, workers=opts.workers
+                recipe, plan, files, work, epoch, reporter,
+                fetched=fetched, workers=opts.workers, limits=limits,
             )
             images: dict[str, JoinedImage] = {}
             if needs_customising(cust):
@@ -95,16 +103,42 @@ def build(
             if extra_edits:
                 images.update(apply_edits(files, plan, work, extra_edits, opts.workers))
             with reporter.step("repack"):
-                repacked = _repack(files, plan, card, images, opts, reporter)
+                repacked = _repack(files, plan, card, images, opts, reporter, layout)
+        artifacts = emit_artifacts(
+            card,
+            result_dir,
+            recipe.name,
+            image=recipe.output.image if opts.image is None else opts.image,
+            zip_=recipe.output.zip if opts.zip is None else opts.zip,
+            volume_label=recipe.output.volume_label,
+            epoch=epoch,
+            reporter=reporter,
+        )
         with reporter.step("emit"):
             report = _report(recipe, base, files.form, plan, repacked, reporter)
             report["changes"] = cust.report()
+            report["artifacts"] = {a.kind: a.name for a in artifacts}
             (result_dir / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-            write_sha256sums(result_dir / SUMS, result_dir, sorted(p for p in card.rglob("*") if p.is_file()))
+            listed = sorted(p for p in card.rglob("*") if p.is_file())
+            listed += [result_dir / a.name for a in artifacts]
+            write_sha256sums(result_dir / SUMS, result_dir, listed)
             _replace_dir(result_dir, final)
-        return BuildResult(final, final / CARD, report)
+        return BuildResult(final, final / CARD, report, tuple(artifacts))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _plan_layout(recipe: Recipe, plan: FlashPlan, reporter: Reporter) -> LayoutChange | None:
+    """Apply the recipe's `layout:` to the package's table; refuse what cannot hold its image."""
+    if not recipe.layout:
+        return None
+    with reporter.step("layout"):
+        minimum = {p.label: p.image_bytes for p in plan.partitions if p.chunks}
+        change = apply_layout(plan.table, recipe.layout, min_bytes=minimum)
+    for label in change.resized:
+        p = change.table.get(label)
+        reporter.info(f"layout: {p.label} is now {p.size_kb} KiB")
+    return change
 
 
 def _fetch_inputs(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> dict[InputSpec, Path]:
@@ -126,6 +160,7 @@ def _repack(
     images: Mapping[str, JoinedImage],
     opts: BuildOptions,
     reporter: Reporter,
+    layout: LayoutChange | None,
 ) -> RepackResult:
     total = sum(j.path.stat().st_size for j in images.values())
     with reporter.progress("repack", max(total, 1)) as advance:
@@ -137,6 +172,7 @@ def _repack(
             level=opts.level,
             workers=opts.workers,
             epoch=opts.epoch,
+            layout=layout,
             progress=lambda _label, n, _total: advance(n),
         )
 

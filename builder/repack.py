@@ -11,13 +11,16 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from isal import isal_zlib
 
 from builder.errors import BuildError
 from builder.manifest import MD5_NAME, file_digest, render_md5
-from builder.package.chunks import JoinedImage, join_partition, pack_partition
+from builder.package.chunks import GZIP_WBITS, JoinedImage, join_partition, pack_partition
 from builder.package.flashplan import SECTOR, FileSet, FlashPlan, PartitionFlash
+from builder.package.layout import LayoutChange, encode_gpt, gpt_from_table, rewrite_partition_xml
 from builder.package.scripts import NewChunk, regenerate
 from builder.package.uimage import encode_script
 
@@ -83,44 +86,72 @@ def repack(
     level: int,
     workers: int | None = None,
     epoch: int | None = None,
+    layout: LayoutChange | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> RepackResult:
-    """Write the customised file set into `card` (an empty folder)."""
+    """Write the customised file set into `card` (an empty folder).
+
+    With a layout change, the XML and gpt.gz are rewritten and every partition whose first
+    sector moved gets its script regenerated (its chunks are kept byte for byte).
+    """
     result = RepackResult()
     replaced: set[str] = set()  # vendor names we do not copy verbatim
-    new_names: set[str] = set()
+    table = layout.table if layout is not None else plan.table
+    placement = {p.label.upper(): (p.offset_sectors, p.size_sectors * SECTOR) for p in table.partitions}
     for part in plan.partitions:
+        offset, limit = placement[part.label.upper()]
         joined = next((j for label, j in images.items() if label.upper() == part.label.upper()), None)
-        if joined is None:
-            result.partitions.append(
-                PartitionResult(
-                    part.label,
-                    False,
-                    len(part.chunks),
-                    len(part.chunks),
-                    reused=len(part.chunks),
-                    image_bytes_before=part.image_bytes,
-                    image_bytes_after=part.image_bytes,
-                )
+        if joined is not None:
+            pr, new_list = _rebuild_partition(
+                files, plan, part, joined, card, offset, limit, level, workers, progress
             )
-            continue
-        pr = _rebuild_partition(files, plan, part, joined, card, level, workers, epoch, progress)
-        result.partitions.append(pr)
-        replaced.update(c.file for c in part.chunks)
-        if pr.script_regenerated:
-            replaced.add(part.script)
-            replaced.add(part.script[: -len(".scr")] + ".cmd")
+            replaced.update(c.file for c in part.chunks)
+        else:
+            shift = offset - part.offset_sectors
+            new_list = [replace(c, offset_sectors=c.offset_sectors + shift) for c in _chunk_list(part)]
+            pr = PartitionResult(
+                part.label,
+                False,
+                len(part.chunks),
+                len(part.chunks),
+                reused=len(part.chunks),
+                image_bytes_before=part.image_bytes,
+                image_bytes_after=part.image_bytes,
+            )
+        if part.script is not None and new_list != _chunk_list(part):
+            _write_script(plan, part.script, regenerate(plan.scripts[part.script], new_list), card, epoch)
+            replaced.update((part.script, part.script[: -len(".scr")] + ".cmd"))
             result.scripts_regenerated.append(part.script)
-        new_names.update(p.name for p in card.iterdir())
+            pr.script_regenerated = True
+        result.partitions.append(pr)
+    if layout is not None and layout.resized:
+        replaced.update(_write_layout(files, plan, layout, card))
+    written = {p.name for p in card.iterdir()}
     for name in sorted(plan.files):
-        if name in replaced or name in new_names or name == MD5_NAME:
+        if name in replaced or name in written or name == MD5_NAME:
             continue
         dest = card / name
         dest.parent.mkdir(parents=True, exist_ok=True)
         copy_member(files, name, dest)
-    _write_md5(files, plan, card, changed=bool(replaced or new_names))
+    _write_md5(files, plan, card, changed=bool(replaced or written))
     result.files_written = sorted(p.relative_to(card).as_posix() for p in card.rglob("*") if p.is_file())
     return result
+
+
+def _write_layout(files: FileSet, plan: FlashPlan, layout: LayoutChange, card: Path) -> set[str]:
+    """The new partition32G.xml (only size_in_kb values changed) and gpt.gz (vendor GUIDs kept)."""
+    with files.open(plan.xml_name) as f:
+        text = f.read().decode("utf-8")
+    (card / plan.xml_name).write_text(rewrite_partition_xml(text, layout.sizes_kb, plan.xml_name))
+    gpt_chunk = plan.scripts[plan.gpt_script].chunks[0]
+    blob = encode_gpt(gpt_from_table(layout.table, template=plan.gpt))
+    if gpt_chunk.unzip_bytes is not None and len(blob) != gpt_chunk.unzip_bytes:
+        raise BuildError(
+            f"the new GPT is {len(blob)} bytes, but {plan.gpt_script} unzips {gpt_chunk.unzip_bytes}"
+        )
+    c = isal_zlib.compressobj(3, isal_zlib.DEFLATED, GZIP_WBITS)
+    (card / gpt_chunk.file).write_bytes(c.compress(blob) + c.flush())
+    return {plan.xml_name, gpt_chunk.file}
 
 
 def _rebuild_partition(
@@ -129,11 +160,12 @@ def _rebuild_partition(
     part: PartitionFlash,
     joined: JoinedImage,
     card: Path,
+    offset: int,
+    limit: int,
     level: int,
     workers: int | None,
-    epoch: int | None,
     progress: Callable[[str, int, int], None] | None,
-) -> PartitionResult:
+) -> tuple[PartitionResult, list[NewChunk]]:
     image = joined.path
 
     def tick(stage: str, total: int) -> Callable[[int], None] | None:
@@ -142,7 +174,6 @@ def _rebuild_partition(
         return lambda n: progress(f"{stage} {part.label}", n, total)
 
     new_size = image.stat().st_size
-    limit = part.size_sectors * SECTOR
     if new_size > limit:
         raise BuildError(
             f"partition {part.label}: the edited image is {new_size} bytes, "
@@ -159,16 +190,11 @@ def _rebuild_partition(
         level=level,
         workers=workers,
         progress=tick("pack", new_size),
+        offset_sectors=offset,
     )
-    new_list = [p.chunk for p in packed]
-    regenerated = new_list != _chunk_list(part)
-    if regenerated:
-        assert part.script is not None
-        text = regenerate(plan.scripts[part.script], new_list)
-        _write_script(plan, part.script, text, card, epoch)
     reused = sum(1 for p in packed if p.reused_from is not None)
     os.unlink(image)
-    return PartitionResult(
+    result = PartitionResult(
         label=part.label,
         changed=True,
         chunks_before=len(part.chunks),
@@ -178,8 +204,8 @@ def _rebuild_partition(
         bytes_recompressed=sum(p.chunk.unzip_bytes for p in packed if p.reused_from is None),
         image_bytes_before=part.image_bytes,
         image_bytes_after=new_size,
-        script_regenerated=regenerated,
     )
+    return result, [p.chunk for p in packed]
 
 
 def _write_md5(files: FileSet, plan: FlashPlan, card: Path, changed: bool) -> None:

@@ -189,3 +189,54 @@ def test_output_replaces_previous_only_when_complete(vendor_package: vf.MiniPack
         run_build(recipe, out, tmp_path / "cache", edits={"OPT": [boom]})
     assert marker.read_bytes() == before
     assert sorted(p.name for p in out.iterdir()) == ["t"]  # no temp folder left behind
+
+
+def test_layout_moves_offsets_and_rewrites_xml_gpt_and_only_moved_scripts(
+    vendor_package_session: vf.MiniPackage, tmp_path: Path
+) -> None:
+    pkg = vendor_package_session
+    recipe = write_recipe(tmp_path / "r", pkg.dir, name="lay", layout={"ROOTFS": "32MiB", "DATA": "20MiB"})
+    res = run_build(recipe, tmp_path / "out", tmp_path / "cache")
+    card = res.card
+    assert sorted(res.report["scripts_regenerated"]) == [
+        "boot_emmc-data.scr",
+        "boot_emmc-opt.scr",
+        "boot_emmc-rootfs_rw.scr",
+    ]
+    # every chunk is the vendor's, byte for byte; the XML changed only in two size values
+    for p in pkg.partitions:
+        for name in p.chunk_files:
+            assert (card / name).read_bytes() == (pkg.dir / name).read_bytes()
+    old_xml, new_xml = pkg.xml_text.splitlines(), (card / "partition32G.xml").read_text().splitlines()
+    changed = [(a, b) for a, b in zip(old_xml, new_xml, strict=True) if a != b]
+    assert (
+        len(changed) == 2 and 'size_in_kb="32768"' in changed[0][1] and 'size_in_kb="20480"' in changed[1][1]
+    )
+    # the GPT, read by sgdisk, has the new starts; the names and read-only flag are kept
+    disk = tmp_path / "disk.img"
+    with open(disk, "wb") as f:
+        f.truncate(pkg.disk_kb * 1024)
+        f.write(gzip.decompress((card / "gpt.gz").read_bytes()))
+    shown = subprocess.run(["sgdisk", "-p", str(disk)], capture_output=True, text=True).stdout
+    starts = {ln.split()[-1]: int(ln.split()[1]) for ln in shown.splitlines() if ln.strip()[:1].isdigit()}
+    rootfs = pkg.partition("ROOTFS")
+    assert starts["ROOTFS_RW"] == rootfs.offset_sectors + 32 * 2048
+    assert starts["DATA"] == starts["OPT"] + pkg.partition("OPT").size_sectors
+    # the bundle flashes: every image lands at its new offset
+    out = cli("verify", res.out_dir, "--simulate", tmp_path / "emmc.img")
+    assert out.returncode == 0, out.stderr
+    with open(tmp_path / "emmc.img", "rb") as f:
+        for p in pkg.partitions:
+            f.seek(starts[p.label] * 512)
+            assert f.read(p.image_bytes) == p.image.read_bytes(), p.label
+
+
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [({"DATA": "200MiB"}, "disk"), ({"ROOTFS": "1MiB"}, "smaller than"), ({"ROOTFX": "30MiB"}, "ROOTFS")],
+)
+def test_bad_layout_is_refused_with_numbers(layout, message, vendor_package_session, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    recipe = write_recipe(tmp_path, vendor_package_session.dir, name="badlay", layout=layout)
+    out = cli(recipe, "-o", tmp_path / "out")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert message in out.stderr, out.stderr

@@ -192,6 +192,7 @@ def pack_partition(
     level: int = DEFAULT_LEVEL,
     workers: int | None = None,
     progress: Progress | None = None,
+    offset_sectors: int | None = None,
 ) -> list[PackedChunk]:
     """Split `image` into chunks in `out_dir`, keeping the vendor's .gz for unchanged ones.
 
@@ -201,6 +202,7 @@ def pack_partition(
     """
     size = image.stat().st_size
     ranges = chunk_ranges(size, chunk_sectors)
+    base = part.offset_sectors if offset_sectors is None else offset_sectors
     stem = chunk_name_pattern(part)
     reusable: dict[tuple[int, str], str] = {}
     if original is not None:
@@ -216,7 +218,7 @@ def pack_partition(
         nc = NewChunk(
             file=name,
             unzip_bytes=length,
-            offset_sectors=part.offset_sectors + off // SECTOR,
+            offset_sectors=base + off // SECTOR,
             count_sectors=-(-length // SECTOR),
         )
         dest = out_dir / name

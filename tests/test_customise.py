@@ -366,3 +366,18 @@ def test_recompressed_chunks_are_deterministic_gzip(full_build) -> None:  # type
         if raw not in vendor:
             assert raw[:10] == bytes.fromhex("1f8b0800000000000" + "0ff")[:10] or raw[4:8] == b"\0\0\0\0"
             gzip.decompress(raw)
+
+
+def _features(image: Path) -> set[str]:
+    out = subprocess.run(["dumpe2fs", "-h", str(image)], capture_output=True, text=True, check=True).stdout
+    line = next(ln for ln in out.splitlines() if ln.startswith("Filesystem features:"))
+    return set(line.split(":", 1)[1].split())
+
+
+def test_ext4_feature_set_is_kept(full_build) -> None:  # type: ignore[no-untyped-def]
+    res, parts, pkg = full_build
+    for label in ("ROOTFS", "ROOTFS_RW", "OPT", "DATA"):
+        before = _features(pkg.partition(label).image)
+        after = _features(parts / f"{label}.img")
+        assert after == before, label
+        assert "orphan_file" not in after and "metadata_csum_seed" not in after

@@ -375,7 +375,7 @@ def _features(image: Path) -> set[str]:
 
 
 def test_ext4_feature_set_is_kept(full_build) -> None:  # type: ignore[no-untyped-def]
-    res, parts, pkg = full_build
+    _res, parts, pkg = full_build
     for label in ("ROOTFS", "ROOTFS_RW", "OPT", "DATA"):
         before = _features(pkg.partition(label).image)
         after = _features(parts / f"{label}.img")

@@ -13,6 +13,7 @@ from typing import Any
 
 from builder import __version__
 from builder.customise import customise, needs_customising
+from builder.customise.apps import app_report, check_app_budget
 from builder.customise.context import Customiser
 from builder.emit import Artifact, emit_artifacts
 from builder.errors import BuildError
@@ -90,11 +91,12 @@ def build(
             epoch = opts.epoch if opts.epoch is not None else plan.headers["boot.scr"].timestamp
             layout = _plan_layout(recipe, plan, reporter)
             limits = {p.label: p.size_bytes for p in layout.table.partitions} if layout else None
-            fetched = _fetch_inputs(recipe, opts, reporter)
-            cust = Customiser(
-                recipe, plan, files, work, epoch, reporter,
-                fetched=fetched, workers=opts.workers, limits=limits,
-            )
+            cust = Customiser(recipe, plan, files, work, epoch, reporter, workers=opts.workers, limits=limits)
+            cust.fetch_opts = opts.fetch
+            if recipe.apps:
+                with reporter.step("app budget"):
+                    check_app_budget(cust, opts.fetch)
+            cust.fetched.update(_fetch_inputs(recipe, opts, reporter))
             images: dict[str, JoinedImage] = {}
             if needs_customising(cust):
                 with reporter.step("customise"):
@@ -103,7 +105,7 @@ def build(
             if extra_edits:
                 images.update(apply_edits(files, plan, work, extra_edits, opts.workers))
             with reporter.step("repack"):
-                repacked = _repack(files, plan, card, images, opts, reporter, layout)
+                repacked = _repack(files, plan, card, images, opts, reporter, layout, previous=final)
         artifacts = emit_artifacts(
             card,
             result_dir,
@@ -117,11 +119,13 @@ def build(
         with reporter.step("emit"):
             report = _report(recipe, base, files.form, plan, repacked, reporter)
             report["changes"] = cust.report()
+            report["apps"] = app_report(cust)
             report["artifacts"] = {a.kind: a.name for a in artifacts}
             (result_dir / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
             listed = sorted(p for p in card.rglob("*") if p.is_file())
             listed += [result_dir / a.name for a in artifacts]
-            write_sha256sums(result_dir / SUMS, result_dir, listed)
+            known = {card / name: digest for name, digest in repacked.known_sha256.items()}
+            write_sha256sums(result_dir / SUMS, result_dir, listed, known=known)
             _replace_dir(result_dir, final)
         return BuildResult(final, final / CARD, report, tuple(artifacts))
     finally:
@@ -161,6 +165,7 @@ def _repack(
     opts: BuildOptions,
     reporter: Reporter,
     layout: LayoutChange | None,
+    previous: Path | None = None,
 ) -> RepackResult:
     total = sum(j.path.stat().st_size for j in images.values())
     with reporter.progress("repack", max(total, 1)) as advance:
@@ -174,6 +179,7 @@ def _repack(
             epoch=opts.epoch,
             layout=layout,
             progress=lambda _label, n, _total: advance(n),
+            previous=previous,  # the last bundle: chunks it compressed are linked, not redone
         )
 
 

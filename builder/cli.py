@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from builder import __version__
+from builder.cli_card import register as register_card_commands
 from builder.errors import AirboxError
 
 log = logging.getLogger("airbox-build")
@@ -294,10 +295,19 @@ def inspect(ctx: click.Context, source: Path, as_json: bool) -> None:
     type=click.Path(path_type=Path, file_okay=False),
     help="With --simulate: cut every partition out of the eMMC image into this folder.",
 )
+@click.option(
+    "--against",
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+    help="Also compare every file, sha256 by sha256, with this bundle (OUTPUT/<name> or its card/); "
+    "a mounted card is read past the OS cache.",
+)
 @click.pass_context
 @guarded
-def verify(ctx: click.Context, path: Path, simulate: Path | None, extract: Path | None) -> None:
-    """Check a bundle (output folder, card folder or card image) before it touches a card."""
+def verify(
+    ctx: click.Context, path: Path, simulate: Path | None, extract: Path | None, against: Path | None
+) -> None:
+    """Check a bundle (output folder, card folder or card image) before it touches a card,
+    or a mounted card after writing it (against its md5.txt, and --against the bundle)."""
     from builder.errors import VerifyError
     from builder.package.source import open_package
     from builder.verify import extract_partitions, verify_fileset
@@ -309,6 +319,10 @@ def verify(ctx: click.Context, path: Path, simulate: Path | None, extract: Path 
         open_package(target, Path(tmp)) as files,reporter.step("verify")
     ):
         rep = verify_fileset(files, simulate=simulate)
+        if against is not None:
+            from builder.cli_card import against_failures
+
+            rep.failures.extend(against_failures(files, against, reporter))
     for w in rep.warnings:
         reporter.warn(f"{w.file}: {w.message}")
     for f in rep.failures:
@@ -325,6 +339,8 @@ def verify(ctx: click.Context, path: Path, simulate: Path | None, extract: Path 
     msg = f"ok: {rep.chunks_checked} chunks, {rep.bytes_checked} bytes checked"
     if simulate is not None:
         msg += f"; eMMC image written to {simulate}"
+    if against is not None:
+        msg += f"; every file matches {against}"
     reporter.event("result", ok=True, chunks=rep.chunks_checked, bytes=rep.bytes_checked)
     if not reporter.json_mode:
         click.echo(msg)
@@ -332,24 +348,46 @@ def verify(ctx: click.Context, path: Path, simulate: Path | None, extract: Path 
 
 @main.command()
 @click.argument("recipe", type=click.Path(path_type=Path, dir_okay=False))
+@click.option(
+    "--update-python",
+    is_flag=True,
+    help="Re-resolve each app's Python lock from its `requirements:` (uv pip compile, for the target).",
+)
 @fetch_options
 @click.pass_context
 @guarded
 def lock(
     ctx: click.Context,
     recipe: Path,
+    update_python: bool,
     cache_dir: Path | None,
     offline: bool,
     input_dirs: tuple[Path, ...],
     mirrors: tuple[str, ...],
     locked: bool,
 ) -> None:
-    """Pin every input of RECIPE by size and sha256 in RECIPE.lock (downloads what is not pinned)."""
+    """Pin every input of RECIPE by size and sha256 in RECIPE.lock (downloads what is not pinned).
+
+    An app's Python lock is (re-)resolved from its `requirements:` when it does not exist yet or
+    with --update-python; its wheels are pinned by sha256 in that lock.
+    """
+    from builder.customise.apps import pip_index
+    from builder.customise.pyenv import resolve_lock
     from builder.fetch import lock_inputs
     from builder.lockfile import lock_path_for, write_lock
     from builder.recipe import iter_inputs, load_recipe
 
     reporter = _reporter(ctx)
+    r = load_recipe(recipe, check_files=False)
+    for app in r.apps:
+        py = app.python
+        if py is None or py.requirements is None or (py.lock.exists() and not update_python):
+            continue
+        with reporter.step("resolve python", app=app.name):
+            pins = resolve_lock(
+                py.requirements, py.lock, py.python, py.platform, py.exclude_newer, index=pip_index(py)
+            )
+        reporter.info(f"{app.name}: {py.lock} resolved, {len(pins)} pins")
     r = load_recipe(recipe)
     fopts = make_fetch_options(r, cache_dir, offline, input_dirs, mirrors, False, reporter)
     with reporter.step("lock"):
@@ -432,6 +470,9 @@ def cache_prune_cmd(ctx: click.Context, cache_dir: Path | None, older_than: str 
 
     res = cache_prune(cache_dir or default_cache_dir(), parse_age(older_than) if older_than else None)
     click.echo(f"removed {res.files} files, {res.bytes:,} bytes")
+
+
+register_card_commands(main, guarded, _reporter)
 
 
 def run() -> None:

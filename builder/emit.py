@@ -150,13 +150,13 @@ def plan_volume(files: Sequence[tuple[str, int]]) -> VolumePlan:
                 where=name,
                 hint="chunks must stay below 4 GiB; check the package's chunk size",
             )
-    cluster = 512
-    while True:
+    for limit, cluster in _CLUSTER_TABLE:
         volume = _volume_bytes(files, cluster)
-        limit = next((lim for lim, c in _CLUSTER_TABLE if c == cluster), None)
-        if limit is None or volume <= limit or cluster >= _LARGEST_CLUSTER:
+        if volume <= limit:
             break
-        cluster *= 2
+    else:
+        cluster = _LARGEST_CLUSTER
+        volume = _volume_bytes(files, cluster)
     image = _round_up(PARTITION_START + volume, MIB)
     return VolumePlan(cluster, image - PARTITION_START, image)
 

@@ -28,7 +28,7 @@ class Reporter:
     stream: TextIO = field(default_factory=lambda: sys.stderr)
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _lock: threading.RLock = field(default_factory=threading.RLock)
 
     @property
     def bars(self) -> bool:

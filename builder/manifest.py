@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from builder.errors import PackageError
@@ -78,7 +80,18 @@ def render_md5(names_digests: dict[str, str], vendor_text: str | None) -> str:
     return "".join(f"{digests[n]}  {n}\n" for n in order)
 
 
-def write_sha256sums(dest: Path, base: Path, files: Iterable[Path]) -> None:
-    """`sha256sum` format, paths relative to `base`, sorted; `sha256sum -c` works from `base`."""
-    lines = sorted(f"{file_digest(p)}  {p.relative_to(base).as_posix()}\n" for p in files)
+def write_sha256sums(
+    dest: Path, base: Path, files: Iterable[Path], known: Mapping[Path, str] | None = None
+) -> None:
+    """`sha256sum` format, paths relative to `base`, sorted; `sha256sum -c` works from `base`.
+
+    `known` gives digests already established for some files (links to an earlier build's
+    files, unchanged since); the others are hashed, side by side (hashlib releases the GIL).
+    """
+    paths = list(files)
+    known = known or {}
+    todo = [p for p in paths if p not in known]
+    with ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, 8))) as pool:
+        fresh = dict(zip(todo, pool.map(file_digest, todo), strict=True))
+    lines = sorted(f"{known.get(p) or fresh[p]}  {p.relative_to(base).as_posix()}\n" for p in paths)
     dest.write_text("".join(sorted(lines, key=lambda ln: ln[66:])))

@@ -578,7 +578,13 @@ def input_spec(
         items = expect_str_list(given["parts"], (*path, "parts"))
         if not items:
             raise err(given["parts"], (*path, "parts"), "`parts` must list at least one URL")
-        parts = tuple(check_url(text, item, item_path) for text, item, item_path in items)
+        # a part without a scheme is a local file, relative to the file that declares it
+        parts = tuple(
+            check_url(text, item, item_path)
+            if "://" in text
+            else local_path(item, item_path, kind="file", check=check).as_uri()
+            for text, item, item_path in items
+        )
         urls = list(parts)
     else:
         local = local_path(given["path"], (*path, "path"), kind="any", check=check)
@@ -692,6 +698,10 @@ class AppPython:
     platform: str
     python: str
     where: str
+    requirements: Path | None = None  # the .in that `airbox-build lock` re-resolves the lock from
+    exclude_newer: str | None = None  # resolve as of this date (uv --exclude-newer)
+    wheels: Path | None = None  # a local folder of wheels (pip --find-links), e.g. for offline builds
+    index_url: str | None = None  # where pip downloads the wheels (default: pip's own / mirrors)
 
 
 @dataclass(frozen=True)
@@ -1236,7 +1246,17 @@ class _RecipeParser:
         return tuple(models)
 
     def app_python(self, node: Node, path: KeyPath) -> AppPython:
-        given = fields(node, path, ("lock", "target", "platform", "python"), required=("lock",))
+        keys = (
+            "lock",
+            "target",
+            "platform",
+            "python",
+            "requirements",
+            "exclude_newer",
+            "wheels",
+            "index_url",
+        )
+        given = fields(node, path, keys, required=("lock",))
         python = "3.8"
         if "python" in given:
             version = given["python"]
@@ -1257,12 +1277,34 @@ class _RecipeParser:
             platform = expect_str(given["platform"], (*path, "platform"))
             if not re.fullmatch(r"[a-z0-9_]+", platform):
                 raise err(given["platform"], (*path, "platform"), f"{platform!r} is not a wheel platform tag")
+        exclude_newer = None
+        if "exclude_newer" in given:
+            exclude_newer = expect_str(given["exclude_newer"], (*path, "exclude_newer"))
+            if not re.fullmatch(r"\d{4}-\d{2}-\d{2}(T[0-9:]+Z?)?", exclude_newer):
+                raise err(
+                    given["exclude_newer"],
+                    (*path, "exclude_newer"),
+                    f"{exclude_newer!r} is not a date",
+                    'e.g. "2024-08-15"',
+                )
         return AppPython(
             lock=local_path(given["lock"], (*path, "lock"), kind="file", check=self.check),
             target=inner_path(given["target"], (*path, "target")) if "target" in given else ".pydeps",
             platform=platform,
             python=python,
             where=entry_where(node, path),
+            requirements=local_path(
+                given["requirements"], (*path, "requirements"), kind="file", check=self.check
+            )
+            if "requirements" in given
+            else None,
+            exclude_newer=exclude_newer,
+            wheels=local_path(given["wheels"], (*path, "wheels"), kind="dir", check=self.check)
+            if "wheels" in given
+            else None,
+            index_url=expect_url(given["index_url"], (*path, "index_url"), ("http", "https"))
+            if "index_url" in given
+            else None,
         )
 
     def app_service(self, app: str, node: Node, path: KeyPath) -> AppService:

@@ -7,10 +7,12 @@ the vendor's .gz, and its script is regenerated only if its chunk list changed.
 
 from __future__ import annotations
 
+import json
 import logging
-import os
 import shutil
+import threading
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -18,7 +20,19 @@ from isal import isal_zlib
 
 from builder.errors import BuildError
 from builder.manifest import MD5_NAME, file_digest, render_md5
-from builder.package.chunks import GZIP_WBITS, JoinedImage, join_partition, pack_partition
+from builder.package.chunks import (
+    GZIP_WBITS,
+    ChunkPool,
+    EarlierFile,
+    FileStat,
+    JoinedImage,
+    copy_vendor,
+    default_workers,
+    file_stat,
+    join_partition,
+    pack_partition,
+    vendor_stat,
+)
 from builder.package.flashplan import SECTOR, FileSet, FlashPlan, PartitionFlash
 from builder.package.layout import LayoutChange, encode_gpt, gpt_from_table, rewrite_partition_xml
 from builder.package.scripts import NewChunk, regenerate
@@ -42,6 +56,10 @@ class PartitionResult:
     image_bytes_before: int = 0
     image_bytes_after: int = 0
     script_regenerated: bool = False
+    pooled: int = 0  # chunks taken from an earlier build's output instead of compressed again
+    bytes_pooled: int = 0
+    # for a changed partition, each chunk: file, bytes, sha256 (uncompressed), gz_bytes, source
+    chunks: list[dict[str, object]] = field(default_factory=list)
 
 
 @dataclass
@@ -49,6 +67,8 @@ class RepackResult:
     partitions: list[PartitionResult] = field(default_factory=list)
     files_written: list[str] = field(default_factory=list)
     scripts_regenerated: list[str] = field(default_factory=list)
+    # sha256 of card files linked from an earlier bundle, unchanged since it listed them
+    known_sha256: dict[str, str] = field(default_factory=dict)
 
 
 def copy_member(files: FileSet, name: str, dest: Path) -> None:
@@ -88,13 +108,17 @@ def repack(
     epoch: int | None = None,
     layout: LayoutChange | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    previous: Path | None = None,
 ) -> RepackResult:
     """Write the customised file set into `card` (an empty folder).
 
     With a layout change, the XML and gpt.gz are rewritten and every partition whose first
     sector moved gets its script regenerated (its chunks are kept byte for byte).
+    `previous` is an earlier bundle of the same recipe (output/<name>): chunks it already
+    compressed are linked from it instead of compressed again (see load_pool).
     """
     result = RepackResult()
+    pool = load_pool(previous) if previous is not None else None
     replaced: set[str] = set()  # vendor names we do not copy verbatim
     table = layout.table if layout is not None else plan.table
     placement = {p.label.upper(): (p.offset_sectors, p.size_sectors * SECTOR) for p in table.partitions}
@@ -103,7 +127,7 @@ def repack(
         joined = next((j for label, j in images.items() if label.upper() == part.label.upper()), None)
         if joined is not None:
             pr, new_list = _rebuild_partition(
-                files, plan, part, joined, card, offset, limit, level, workers, progress
+                files, plan, part, joined, card, offset, limit, level, workers, progress, pool
             )
             replaced.update(c.file for c in part.chunks)
         else:
@@ -117,6 +141,16 @@ def repack(
                 reused=len(part.chunks),
                 image_bytes_before=part.image_bytes,
                 image_bytes_after=part.image_bytes,
+                chunks=[
+                    {
+                        "file": c.file,
+                        "bytes": c.unzip_bytes,
+                        "sha256": None,
+                        "source": "vendor",
+                        "vendor_file": c.file,
+                    }
+                    for c in part.chunks
+                ],
             )
         if part.script is not None and new_list != _chunk_list(part):
             _write_script(plan, part.script, regenerate(plan.scripts[part.script], new_list), card, epoch)
@@ -132,8 +166,12 @@ def repack(
             continue
         dest = card / name
         dest.parent.mkdir(parents=True, exist_ok=True)
-        copy_member(files, name, dest)
-    _write_md5(files, plan, card, changed=bool(replaced or written))
+        copy_vendor(files, name, dest, pool)
+    known = pool.known_md5 if pool is not None else {}
+    md5s = _write_md5(files, plan, card, changed=bool(replaced or written), workers=workers, known=known)
+    _note_outputs(files, card, result, md5s)
+    if pool is not None:
+        result.known_sha256 = dict(pool.known_sha256)
     result.files_written = sorted(p.relative_to(card).as_posix() for p in card.rglob("*") if p.is_file())
     return result
 
@@ -165,6 +203,7 @@ def _rebuild_partition(
     level: int,
     workers: int | None,
     progress: Callable[[str, int, int], None] | None,
+    pool: ChunkPool | None = None,
 ) -> tuple[PartitionResult, list[NewChunk]]:
     image = joined.path
 
@@ -191,35 +230,139 @@ def _rebuild_partition(
         workers=workers,
         progress=tick("pack", new_size),
         offset_sectors=offset,
+        pool=pool,
     )
     reused = sum(1 for p in packed if p.reused_from is not None)
-    os.unlink(image)
+    pooled = [p for p in packed if p.pooled]
+    fresh = [p for p in packed if p.reused_from is None and not p.pooled]
+    _remove_in_background(image)
     result = PartitionResult(
         label=part.label,
         changed=True,
         chunks_before=len(part.chunks),
         chunks_after=len(packed),
         reused=reused,
-        recompressed=len(packed) - reused,
-        bytes_recompressed=sum(p.chunk.unzip_bytes for p in packed if p.reused_from is None),
+        recompressed=len(fresh),
+        bytes_recompressed=sum(p.chunk.unzip_bytes for p in fresh),
         image_bytes_before=part.image_bytes,
         image_bytes_after=new_size,
+        pooled=len(pooled),
+        bytes_pooled=sum(p.chunk.unzip_bytes for p in pooled),
+        chunks=[
+            {
+                "file": p.chunk.file,
+                "bytes": p.chunk.unzip_bytes,
+                "sha256": p.sha256,
+                "gz_bytes": p.gz_bytes,
+                "source": "vendor" if p.reused_from else "earlier build" if p.pooled else "compressed",
+                "vendor_file": p.reused_from,
+            }
+            for p in packed
+        ],
     )
     return result, [p.chunk for p in packed]
 
 
-def _write_md5(files: FileSet, plan: FlashPlan, card: Path, changed: bool) -> None:
+def _remove_in_background(path: Path) -> None:
+    """Freeing a multi-GB image keeps the file system busy for a second: let it, meanwhile go on."""
+    threading.Thread(target=path.unlink, kwargs={"missing_ok": True}, name=f"rm {path.name}").start()
+
+
+REPORT_NAME = "build-report.json"
+SUMS_NAME = "SHA256SUMS"
+
+
+def load_pool(bundle: Path) -> ChunkPool:
+    """The chunks an earlier bundle (output/<name>/: card/ + build-report.json) holds, by content.
+
+    Only chunks its report lists with their uncompressed sha256 (changed partitions) are
+    offered, and each only while its file keeps the size the report gives. A missing or
+    unreadable report is no error: nothing is reused.
+    """
+    pool = ChunkPool()
+    try:
+        report = json.loads((bundle / REPORT_NAME).read_text())
+        sums = _read_sha256sums(bundle / SUMS_NAME)
+        for part in report.get("partitions", []):
+            for c in part.get("chunks", []) or []:
+                name = str(c["file"])
+                earlier = EarlierFile(
+                    bundle / "card" / name,
+                    _stat_tuple(c.get("out_stat")),
+                    md5=c.get("md5"),
+                    sha256=sums.get(f"card/{name}"),
+                    gz_bytes=c.get("gz_bytes"),
+                )
+                if c.get("sha256") and earlier.gz_bytes is not None:
+                    pool.add(int(c["bytes"]), str(c["sha256"]), earlier)
+                vstat = _stat_tuple(c.get("vendor_stat"))
+                if c.get("vendor_file") and vstat is not None and earlier.out_stat is not None:
+                    pool.add_copy(str(c["vendor_file"]), vstat, earlier)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        log.debug("no reusable chunks in %s", bundle)
+    return pool
+
+
+def _read_sha256sums(path: Path) -> dict[str, str]:
+    """`sha256sum` lines of an earlier bundle: relative path -> digest (empty when absent)."""
+    out: dict[str, str] = {}
+    try:
+        text = path.read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        digest, sep, name = line.partition("  ")
+        if sep and len(digest) == 64:
+            out[name] = digest
+    return out
+
+
+def _stat_tuple(value: object) -> FileStat | None:
+    if isinstance(value, list) and len(value) == 3 and all(isinstance(v, int) for v in value):
+        return (value[0], value[1], value[2])
+    return None
+
+
+def _note_outputs(files: FileSet, card: Path, result: RepackResult, md5s: Mapping[str, str]) -> None:
+    """Complete each chunk's report entry with what a later build needs to reuse it (load_pool)."""
+    for pr in result.partitions:
+        for entry in pr.chunks:
+            name = str(entry["file"])
+            out_stat = file_stat(card / name)
+            entry["gz_bytes"] = out_stat[0] if out_stat else None
+            entry["out_stat"] = list(out_stat) if out_stat else None
+            entry["md5"] = md5s.get(name)
+            vendor = entry.get("vendor_file")
+            vstat = vendor_stat(files, str(vendor)) if vendor else None
+            entry["vendor_stat"] = list(vstat) if vstat else None
+
+
+def _write_md5(
+    files: FileSet,
+    plan: FlashPlan,
+    card: Path,
+    changed: bool,
+    workers: int | None = None,
+    known: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """md5.txt for the card; returns the md5 of every file. `known`: digests of files linked
+    from an earlier build, unchanged since it hashed them."""
     vendor_text: str | None = None
     if MD5_NAME in plan.files:
         with files.open(MD5_NAME) as f:
             vendor_text = f.read().decode("utf-8", errors="replace")
         if not changed:
             copy_member(files, MD5_NAME, card / MD5_NAME)
-            return
-    digests = {
-        p.name: file_digest(p, "md5") for p in sorted(card.iterdir()) if p.is_file() and p.name != MD5_NAME
-    }
+            return {}
+    paths = [p for p in sorted(card.iterdir()) if p.is_file() and p.name != MD5_NAME]
+    known = known or {}
+    todo = [p for p in paths if p.name not in known]
+    # hashlib releases the GIL on large buffers: the files are hashed side by side
+    with ThreadPoolExecutor(workers or default_workers()) as pool:
+        md5s = dict(zip((p.name for p in todo), pool.map(lambda p: file_digest(p, "md5"), todo), strict=True))
+    digests = {p.name: known[p.name] if p.name in known else md5s[p.name] for p in paths}
     (card / MD5_NAME).write_text(render_md5(digests, vendor_text))
+    return digests
 
 
 def apply_edits(

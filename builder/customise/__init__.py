@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from builder.customise.apps import apps
 from builder.customise.context import Customiser
 from builder.customise.files import files, overlays, remove
 from builder.customise.services import services
@@ -23,6 +24,7 @@ STEPS: tuple[tuple[str, Step], ...] = (
     ("users", users),
     ("overlays", overlays),
     ("files", files),
+    ("apps", apps),
     ("services", services),
 )
 
@@ -40,6 +42,7 @@ def needs_customising(c: Customiser) -> bool:
         or r.remove
         or r.services.enable
         or r.services.disable
+        or r.apps
     )
 
 

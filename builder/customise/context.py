@@ -112,6 +112,8 @@ class Customiser:
         self._accounts: tuple[dict[str, Account], dict[str, int]] | None = None
         self._stat_cache: dict[tuple[str, str], Inode | None] = {}
         self.after_apply: list[Callable[[], None]] = []
+        self.app_results: list[Any] = []
+        self.fetch_opts: Any = None  # FetchOptions, for steps that download (app wheels)
 
     # ------------------------------------------------------------------ images
 
@@ -299,6 +301,19 @@ class Customiser:
         if label.upper() == ROOTFS:
             self._written_root[inner] = origin
 
+    def copy_tree(
+        self, device_path: str, host_dir: Path, *, uid: int, gid: int, origin: str, files: int, size: int
+    ) -> str:
+        """Copy a staged host tree to a device path (merged into what is there); returns the partition."""
+        label, inner = self.route(device_path, origin)
+        self.batch(label).copy_tree(host_dir, inner, uid=uid, gid=gid)
+        ch = self._record(label, inner, device_path, "added-tree", "dir", None, uid, gid, origin)
+        ch.size = size
+        ch.diff = f"{files} files"
+        if label.upper() == ROOTFS:
+            self._written_root[inner] = origin
+        return self.partition(label).label
+
     def symlink(
         self, device_path: str, target: str, *, uid: int, gid: int, origin: str, layer: str = "base"
     ) -> None:
@@ -477,8 +492,8 @@ class Customiser:
                 img.ensure_room(need, limit=self.limit(label), headroom=1 << 20)
                 batch.apply()
                 img.check()
-                if shrink:
-                    img.shrink_to_min()
+                if shrink:  # never below the vendor's own size: that would only move blocks
+                    img.shrink_to_min(floor_bytes=self._joined[label].size)
             changed[label] = self._joined[label]
         for fn in self.after_apply:
             fn()

@@ -594,6 +594,9 @@ def _split_stderr(lines: list[bytes], count: int) -> tuple[list[list[bytes]], li
 # ----------------------------------------------------------------------------- the image
 
 
+_UNKNOWN = object()
+
+
 class Ext4Image:
     """An ext4 file system in an image file, read and edited in place.
 
@@ -603,6 +606,9 @@ class Ext4Image:
     def __init__(self, path: Path | str, *, epoch: int | None = None) -> None:
         self.path = Path(path)
         self.epoch = epoch
+        # stat results, valid while the image file is unchanged (see _stat_memo)
+        self._memo: dict[str, Inode | None] = {}
+        self._memo_key: tuple[int, ...] | None = None
 
     def __repr__(self) -> str:
         return f"Ext4Image({str(self.path)!r})"
@@ -643,20 +649,59 @@ class Ext4Image:
         found = self._stat_raw([_join(_split(p)) for p in keys])
         return dict(zip(keys, found, strict=True))
 
+    def _stat_memo(self) -> dict[str, Inode | None]:
+        """Known stat results; dropped whenever the image file changed since they were read.
+
+        Callers stat path after path (an overlay: one mkdir per folder); each debugfs run
+        opens the whole file system, so known answers, and what follows from them (nothing
+        exists below a missing path or a regular file), save one process per path.
+        """
+        try:
+            st = os.stat(self.path)
+            key: tuple[int, ...] | None = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        except OSError:
+            key = None
+        if key is None or key != self._memo_key:
+            self._memo = {}
+            self._memo_key = key
+        return self._memo
+
+    def forget(self) -> None:
+        """Drop remembered stat results (the image was or is about to be written)."""
+        self._memo = {}
+        self._memo_key = None
+
+    def _known(self, memo: dict[str, Inode | None], path: str) -> tuple[bool, Inode | None]:
+        """(True, answer) when memo answers path: directly, or because a parent is missing or a file."""
+        if path in memo:
+            return True, memo[path]
+        parent = path
+        while parent not in ("", "/"):
+            parent = parent.rsplit("/", 1)[0]
+            st = memo.get(parent or "/", _UNKNOWN)
+            if st is _UNKNOWN:
+                continue
+            if st is None or (isinstance(st, Inode) and st.type not in (FileType.DIR, FileType.SYMLINK)):
+                return True, None  # debugfs's namei: "File not found" / "not a directory"
+            break  # an existing directory or a symlink: only debugfs can tell
+        return False, None
+
     def _stat_raw(self, paths: Sequence[str]) -> list[Inode | None]:
         """stat paths as debugfs resolves them ('..' and symlinks in parents included)."""
         for p in paths:
             _check_scriptable(os.fsencode(p), p, "path")
-        results = self._read_script([b"stat " + _q(p) for p in paths])
-        out: list[Inode | None] = []
-        for path, res in zip(paths, results, strict=True):
-            if res.err:
-                if _is_not_found(res):
-                    out.append(None)
-                    continue
-                raise BuildError(f"cannot stat {path} in {self.path}: {res.error_text()}")
-            out.append(_parse_stat(path, b"\n".join(res.out)))
-        return out
+        memo = self._stat_memo()
+        ask = [p for p in dict.fromkeys(paths) if not self._known(memo, p)[0]]
+        if ask:
+            results = self._read_script([b"stat " + _q(p) for p in ask])
+            for path, res in zip(ask, results, strict=True):
+                if res.err:
+                    if _is_not_found(res):
+                        memo[path] = None
+                        continue
+                    raise BuildError(f"cannot stat {path} in {self.path}: {res.error_text()}")
+                memo[path] = _parse_stat(path, b"\n".join(res.out))
+        return [self._known(memo, p)[1] for p in paths]
 
     def stat(self, path: str) -> Inode | None:
         """The inode at path (lstat semantics), or None."""
@@ -816,6 +861,7 @@ class Ext4Image:
         """`e2fsck -f -p` (as the vendor does before shrinking); returns e2fsck's exit code (0 or 1)."""
         self._ready()
         epoch = _check_epoch(self.epoch, f"e2fsck on {self.path}")
+        self.forget()
         proc = run(["e2fsck", "-f", "-p", self.path], env=_env(epoch), check=False)
         if proc.returncode not in (0, 1):
             report = (proc.stdout + proc.stderr).decode(errors="replace").strip()
@@ -834,6 +880,7 @@ class Ext4Image:
         args: list[str | Path] = (
             ["resize2fs", "-M", self.path] if blocks is None else ["resize2fs", self.path, str(blocks)]
         )
+        self.forget()
         for attempt in range(2):
             proc = run(args, env=_env(epoch), check=False)
             if proc.returncode == 0:
@@ -846,6 +893,16 @@ class Ext4Image:
                 f"resize2fs failed on {self.path} (exit {proc.returncode}): {err.strip()[-600:]}",
                 hint="run `e2fsck -fn` on the image to see whether it is damaged",
             )
+
+    def min_blocks(self) -> int:
+        """`resize2fs -P`: the smallest block count resize2fs -M would shrink the file system to."""
+        self._ready()
+        proc = run(["resize2fs", "-P", self.path], env=_env(None), check=False)
+        m = re.search(rb"minimum size of the filesystem:\s*(\d+)", proc.stdout or b"")
+        if proc.returncode != 0 or not m:
+            err = ((proc.stderr or b"") + (proc.stdout or b"")).decode(errors="replace").strip()
+            raise BuildError(f"resize2fs -P failed on {self.path}: {err[-600:]}")
+        return int(m[1])
 
     def grow_to(self, size_bytes: int, *, limit: int | None = None) -> Ext4Info:
         """Grow the file system (and the file, sparsely) to size_bytes; never shrinks, never past limit."""
@@ -870,17 +927,30 @@ class Ext4Image:
         info = self.info()
         return self.grow_to(info.size_bytes + max(0, extra_bytes), limit=limit)
 
-    def shrink_to_min(self, *, passes: int = 3) -> Ext4Info:
+    def shrink_to_min(self, *, passes: int = 3, floor_bytes: int | None = None) -> Ext4Info:
         """`e2fsck -f -p` then `resize2fs -M`, repeated while it still shrinks; the file is cut to fit.
 
         One `resize2fs -M` pass leaves slack after a grow; a second usually takes most of it.
+        With `floor_bytes` (the size the vendor shrank the image to), it never goes below that:
+        shrinking past the vendor's own minimum frees nothing worth having (free blocks are
+        zeros: they compress to nothing) but moves blocks all over the image, so chunks that
+        could have been kept byte for byte change. At or under the floor it does nothing.
         """
         self._ready()
         before = self.info()
+        floor = 0 if floor_bytes is None else -(-floor_bytes // before.block_size)
+        if floor and before.block_count <= floor:
+            return before
         self.preen()
         info = before
         for _ in range(max(1, passes)):
-            self._resize(None)
+            if floor:
+                target = max(self.min_blocks(), floor)
+                if target >= info.block_count:
+                    break
+                self._resize(target)
+            else:
+                self._resize(None)
             new = self.info()
             shrunk = new.block_count < info.block_count
             info = new
@@ -1389,6 +1459,7 @@ class EditBatch:
         planner.plan(self._ops)
         planner.check_space(self.estimate())
         self._applied = True  # from here on the image changes
+        self.image.forget()
         planner.release_xattr_blocks(lambda: self._stage(b""))
         commands = planner.expand()
         results = _run_debugfs(
@@ -1401,6 +1472,7 @@ class EditBatch:
         failed = [k for k, r in enumerate(results) if r.err or any(not _BENIGN_OUT.match(o) for o in r.out)]
         if failed:
             raise _edit_error(self.image.path, commands, results, failed)
+        self.image.forget()
         if info.features & {"quota", "project"}:
             self.image.preen()  # debugfs does not account quota usage; e2fsck does
         self.close()

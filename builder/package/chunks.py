@@ -48,25 +48,35 @@ def _decompress_chunk(
     h = hashlib.sha256()
     written = 0
     d = isal_zlib.decompressobj(GZIP_WBITS) if expected is not None else None
+
+    def emit(data: bytes) -> None:
+        nonlocal written
+        if data:
+            _write_sparse(out_fd, data, offset + written)
+            h.update(data)
+            written += len(data)
+            if progress:
+                progress(len(data))
+
     try:
         with files.open(name) as f:
             while True:
                 raw = f.read(PIECE)
                 if not raw:
                     break
-                data = d.decompress(raw) if d is not None else raw
-                if d is not None and d.unused_data:
+                if d is None:
+                    emit(raw)
+                    continue
+                # Bounded output: a piece of gzip'd zeros inflates a thousandfold.
+                emit(d.decompress(raw, PIECE))
+                while d.unconsumed_tail:
+                    emit(d.decompress(d.unconsumed_tail, PIECE))
+                if d.unused_data:
                     raise PackageError(
                         f"{name} holds data after the end of its gzip stream",
                         where=name,
                         hint="U-Boot's unzip reads one gzip member; recompress the chunk",
                     )
-                if data:
-                    _write_sparse(out_fd, data, offset + written)
-                    h.update(data)
-                    written += len(data)
-                    if progress:
-                        progress(len(data))
             if d is not None:
                 tail = d.flush()
                 if tail:
@@ -95,7 +105,8 @@ def _write_sparse(fd: int, data: bytes, offset: int) -> None:
     view = memoryview(data)
     for start in range(0, len(view), 1 << 20):
         piece = view[start : start + (1 << 20)]
-        if piece != _ZEROS[: len(piece)]:
+        # bytes.startswith is one memcmp; comparing memoryviews goes element by element
+        if not _ZEROS.startswith(piece):
             os.pwrite(fd, piece, offset + start)
 
 
@@ -148,12 +159,136 @@ def chunk_name_pattern(part: PartitionFlash) -> str:
     return part.stem
 
 
+FileStat = tuple[int, int, int]  # size, mtime_ns, inode: "this very file, unchanged"
+
+
+def file_stat(path: Path) -> FileStat | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def vendor_stat(files: FileSet, name: str) -> FileStat | None:
+    """The identity of a vendor file, when the package is a real folder (else None: not trackable)."""
+    set_dir = getattr(files, "set_dir", None)
+    return file_stat(Path(set_dir) / name) if set_dir is not None else None
+
+
+@dataclass(frozen=True)
+class EarlierFile:
+    """A file an earlier build wrote into its card folder, and what it knew about it."""
+
+    path: Path
+    out_stat: FileStat | None  # its (size, mtime_ns, inode) when that build finished
+    md5: str | None = None  # of the file, from that build's md5.txt
+    sha256: str | None = None  # of the file, from that build's SHA256SUMS
+    gz_bytes: int | None = None
+
+    def unchanged(self) -> bool:
+        return self.out_stat is not None and file_stat(self.path) == self.out_stat
+
+
+class ChunkPool:
+    """What an earlier build of the same recipe wrote, to take instead of doing it again.
+
+    - Chunks it compressed, by the length and sha256 of their uncompressed bytes: a chunk
+      that is not the vendor's but that an earlier build already compressed (the same app
+      payload again, a netplan-only change) is linked (or copied) from there.
+    - Its copies of vendor files, by the vendor file's identity (size, mtime, inode, in a
+      package folder): while both the vendor file and the earlier copy are unchanged, the
+      copy is hard-linked instead of written again.
+
+    A file linked to an earlier one that is unchanged since keeps that build's digests:
+    `known_md5` and `known_sha256` collect them (card name -> digest).
+    """
+
+    def __init__(self) -> None:
+        self._chunks: dict[tuple[int, str], EarlierFile] = {}
+        self._copies: dict[tuple[str, FileStat], EarlierFile] = {}
+        self.known_md5: dict[str, str] = {}
+        self.known_sha256: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return len(self._chunks) + len(self._copies)
+
+    def add(self, length: int, sha256: str, earlier: EarlierFile) -> None:
+        """A chunk whose uncompressed bytes are `length` long with this sha256."""
+        self._chunks.setdefault((length, sha256), earlier)
+
+    def add_copy(self, vendor: str, vstat: FileStat, earlier: EarlierFile) -> None:
+        """A byte-for-byte copy of the vendor file `vendor` as it was then (`vstat`)."""
+        self._copies.setdefault((vendor, vstat), earlier)
+
+    def find(self, length: int, sha256: str) -> Path | None:
+        """The .gz holding these bytes, if it is still there with the size it was written with."""
+        e = self._chunks.get((length, sha256))
+        if e is None:
+            return None
+        st = file_stat(e.path)
+        return e.path if st is not None and st[0] == e.gz_bytes else None
+
+    def place_earlier(self, length: int, sha256: str, dest: Path) -> bool:
+        """Link (or copy) the earlier .gz of these bytes at dest; False if there is none."""
+        gz = self.find(length, sha256)
+        if gz is None:
+            return False
+        e = self._chunks[(length, sha256)]
+        unchanged = e.unchanged()
+        link_or_copy(gz, dest)
+        if unchanged and file_stat(dest) == e.out_stat:
+            self._note(dest.name, e)  # a link to the very file those digests were taken of
+        return True
+
+    def place_vendor(self, files: FileSet, vendor: str, dest: Path) -> bool:
+        """Link the earlier copy of `vendor` at dest if both are unchanged; False if there is none."""
+        vstat = vendor_stat(files, vendor)
+        e = self._copies.get((vendor, vstat)) if vstat is not None else None
+        if e is None or not e.unchanged():
+            return False
+        try:
+            os.link(e.path, dest)
+        except OSError:
+            return False
+        self._note(dest.name, e)
+        return True
+
+    def _note(self, name: str, e: EarlierFile) -> None:
+        if e.md5 is not None:
+            self.known_md5[name] = e.md5
+        if e.sha256 is not None:
+            self.known_sha256[name] = e.sha256
+
+
+def link_or_copy(src: Path, dest: Path) -> None:
+    """Hard-link src at dest (same file system), else copy it (in the kernel where it can)."""
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copyfile(src, dest)
+
+
 @dataclass(frozen=True)
 class PackedChunk:
     chunk: NewChunk
     reused_from: str | None  # the vendor chunk whose .gz was kept, or None if recompressed
     sha256: str  # of the uncompressed bytes
     gz_bytes: int
+    pooled: bool = False  # not compressed here: taken from an earlier build's output (ChunkPool)
+
+
+def copy_vendor(files: FileSet, name: str, dest: Path, pool: ChunkPool | None = None) -> None:
+    """A vendor file, byte for byte; never a hard link to the input package (that would alias it),
+    but a link to an earlier build's unchanged copy of it when `pool` has one."""
+    if pool is not None and pool.place_vendor(files, name, dest):
+        return
+    copy_to = getattr(files, "copy_to", None)
+    if copy_to is not None:
+        copy_to(name, dest, link=False)  # a folder: the kernel copies (sendfile/reflink)
+        return
+    with files.open(name) as src, open(dest, "wb") as dst:
+        shutil.copyfileobj(src, dst, PIECE)
 
 
 def _hash_region(fd: int, offset: int, length: int) -> str:
@@ -193,12 +328,14 @@ def pack_partition(
     workers: int | None = None,
     progress: Progress | None = None,
     offset_sectors: int | None = None,
+    pool: ChunkPool | None = None,
 ) -> list[PackedChunk]:
     """Split `image` into chunks in `out_dir`, keeping the vendor's .gz for unchanged ones.
 
     `original` holds the sha256 of each vendor chunk's uncompressed bytes (from the
     join); a new chunk with the same length and digest reuses that vendor file byte
-    for byte, whatever its new name.
+    for byte, whatever its new name. Other chunks come from `pool` when an earlier build
+    compressed the same bytes, and are compressed otherwise.
     """
     size = image.stat().st_size
     ranges = chunk_ranges(size, chunk_sectors)
@@ -223,20 +360,22 @@ def pack_partition(
         )
         dest = out_dir / name
         vendor = reusable.get((length, digest))
+        pooled = False
         if vendor is not None:
-            with files.open(vendor) as src, open(dest, "wb") as dst:
-                shutil.copyfileobj(src, dst, PIECE)
+            copy_vendor(files, vendor, dest, pool)
+        elif pool is not None and pool.place_earlier(length, digest, dest):
+            pooled = True
         else:
             with open(dest, "wb") as dst:
                 compress_region(fd, off, length, dst, level)
         if progress:
             progress(length)
-        return PackedChunk(nc, vendor, digest, dest.stat().st_size)
+        return PackedChunk(nc, vendor, digest, dest.stat().st_size, pooled=pooled)
 
     fd = os.open(image, os.O_RDONLY)
     try:
-        with ThreadPoolExecutor(workers or default_workers()) as pool:
-            return list(pool.map(one, range(total)))
+        with ThreadPoolExecutor(workers or default_workers()) as executor:
+            return list(executor.map(one, range(total)))
     finally:
         os.close(fd)
 

@@ -1,0 +1,154 @@
+"""Preinstalled applications: source, models, an offline Python tree and a systemd unit.
+
+Everything is staged in a host folder first (archives extracted with safety checks,
+wheels unpacked without running anything), then copied into the image in the same
+debugfs batch as the rest of the partition's edits, owned by the app's owner.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from builder.customise.budget import AppBudget, InputSize, check_budget, estimate_app_bytes
+from builder.customise.context import Customiser
+from builder.customise.extract import extract_archive, unpacked_size
+from builder.customise.pyenv import PipIndex, Target, download_wheels, estimate_python_tree, install_wheels
+from builder.customise.unit import render_app_unit
+from builder.errors import BuildError
+from builder.fetch import FetchOptions, head_size
+from builder.inputs import InputSpec
+from builder.recipe import App, AppPython
+
+
+@dataclass(frozen=True)
+class AppResult:
+    name: str
+    path: str
+    partition: str
+    files: int
+    bytes: int
+    unit: str | None
+    port: int | None
+    python_packages: int
+
+
+def pip_index(py: AppPython) -> PipIndex:
+    return PipIndex(
+        index_url=py.index_url,
+        find_links=(str(py.wheels),) if py.wheels else (),
+        no_index=py.wheels is not None and py.index_url is None,
+    )
+
+
+def check_app_budget(c: Customiser, opts: FetchOptions) -> list[AppBudget]:
+    """Before any download: source + models + Python tree against what each partition can hold."""
+    by_label: dict[str, list[AppBudget]] = {}
+    for app in c.recipe.apps:
+        label, _ = c.route(app.path, app.where)
+        sizes: dict[InputSpec, InputSize | int | None] = {}
+        archives = [app.source.input] if app.source else []
+        archives += [m.input for m in app.models if m.extract is not None]
+        for spec in [*archives, *(m.input for m in app.models if m.dest is not None)]:
+            size = head_size(spec, opts)
+            if spec in archives and spec.path is not None and spec.path.is_file():
+                strip = app.source.strip_components if app.source and spec == app.source.input else 0
+                sizes[spec] = InputSize(size, unpacked_size(spec.path, strip_components=strip)[0])
+            else:
+                sizes[spec] = size
+        python = None
+        if app.python is not None:
+            py = app.python
+            py_opts = replace(opts, input_dirs=(*opts.input_dirs, py.wheels)) if py.wheels else opts
+            python = estimate_python_tree(py.lock, py.platform, py.python, py_opts, index=pip_index(py))
+        by_label.setdefault(label, []).append(estimate_app_bytes(app, sizes, python))
+    for label, budgets in by_label.items():
+        part = c.partition(label)
+        need = sum(b.total for b in budgets)
+        check_budget(need, part.label, c.limit(label), part.image_bytes, budgets[0].path, budgets=budgets)
+    return [b for bs in by_label.values() for b in bs]
+
+
+def apps(c: Customiser) -> None:
+    for app in c.recipe.apps:
+        c.app_results.append(_install_app(c, app))
+
+
+def _install_app(c: Customiser, app: App) -> AppResult:
+    uid, gid = c.owner(app.owner, app.where)
+    root = c.work / "apps" / app.name
+    stage = root / "tree"
+    if root.exists():
+        shutil.rmtree(root)
+    stage.mkdir(parents=True)
+    if app.source is not None:
+        extract_archive(
+            _fetched(c, app.source.input),
+            stage,
+            strip_components=app.source.strip_components,
+            where=app.source.where,
+        )
+    single_models: list[tuple[str, Path]] = []
+    for model in app.models:
+        src = _fetched(c, model.input)
+        if model.dest is not None:
+            # written straight from the cache (no copy); its folder is staged so it gets the owner
+            (stage / model.dest).parent.mkdir(parents=True, exist_ok=True)
+            single_models.append((app.device_path(model.dest), src))
+        else:
+            assert model.extract is not None
+            into = stage / model.extract
+            into.mkdir(parents=True, exist_ok=True)
+            extract_archive(src, into, strip_components=model.strip_components, where=model.where)
+    packages = 0
+    if app.python is not None:
+        py = app.python
+        opts: FetchOptions = c.fetch_opts
+        if py.wheels:  # a local wheelhouse is matched by sha256 like an --input-dir, offline too
+            opts = replace(opts, input_dirs=(*opts.input_dirs, py.wheels))
+        wheels = download_wheels(
+            py.lock, py.platform, py.python, root / "wheels", opts, index=pip_index(py), where=py.where
+        )
+        install_wheels(wheels, stage / py.target, target=Target(py.python, py.platform), where=py.where)
+        packages = len(wheels)
+    for d in app.dirs:
+        (stage / d).mkdir(parents=True, exist_ok=True)
+    files, size = _tree_size(stage)
+    label = c.copy_tree(app.path, stage, uid=uid, gid=gid, origin=app.where, files=files, size=size)
+    for device, src in single_models:
+        c.write(device, src=src, mode=0o644, uid=uid, gid=gid, origin=app.where)
+        files, size = files + 1, size + src.stat().st_size
+    unit_name = port = None
+    if app.service is not None:
+        unit = render_app_unit(app)
+        origin = app.service.where or app.where
+        c.write(unit.path, data=unit.text.encode(), mode=0o644, origin=origin)
+        if unit.enable_link and unit.enable_target:
+            c.symlink(unit.enable_link, unit.enable_target, uid=0, gid=0, origin=origin)
+        unit_name, port = unit.name, unit.port
+    return AppResult(app.name, app.path, label, files, size, unit_name, port, packages)
+
+
+def _fetched(c: Customiser, spec: InputSpec) -> Path:
+    path = c.fetched.get(spec)
+    if path is None:
+        raise BuildError(f"input {spec.display} was not fetched", where=spec.where)
+    return path
+
+
+def _tree_size(top: Path) -> tuple[int, int]:
+    files = size = 0
+    for dirpath, _dirs, names in os.walk(top):
+        for n in names:
+            st = os.lstat(os.path.join(dirpath, n))
+            files += 1
+            size += st.st_size
+    return files, size
+
+
+def app_report(c: Customiser) -> list[Mapping[str, Any]]:
+    return [r.__dict__ for r in c.app_results]

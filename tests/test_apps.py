@@ -31,17 +31,31 @@ def app_section(**over: Any) -> dict[str, Any]:
     app: dict[str, Any] = {
         "path": "/data/SD-demo",
         "owner": "linaro:linaro",
-        "source": {"path": str(DEMO / "sd-demo-src.tar.gz"), "sha256": sha(DEMO / "sd-demo-src.tar.gz"),
-                   "strip_components": 1},
+        "source": {
+            "path": str(DEMO / "sd-demo-src.tar.gz"),
+            "sha256": sha(DEMO / "sd-demo-src.tar.gz"),
+            "strip_components": 1,
+        },
         "models": [
-            {"path": str(DEMO / "canny_demo.bmodel"), "sha256": sha(DEMO / "canny_demo.bmodel"),
-             "dest": "models/controlnet/canny_demo.bmodel"},
+            {
+                "path": str(DEMO / "canny_demo.bmodel"),
+                "sha256": sha(DEMO / "canny_demo.bmodel"),
+                "dest": "models/controlnet/canny_demo.bmodel",
+            },
             {"parts": parts, "md5": hashlib.md5(joined).hexdigest(), "extract": "models/basic/"},
         ],
-        "python": {"lock": str(DEMO / "demo-app.lock"), "target": ".pydeps", "python": "3.8.10",
-                   "wheels": str(DEMO / "wheels")},
-        "service": {"exec": "python3 gr.py", "user": "linaro", "port": 8999,
-                    "after": ["bmrt_loadko.service", "bmrt_setup.service"]},
+        "python": {
+            "lock": str(DEMO / "demo-app.lock"),
+            "target": ".pydeps",
+            "python": "3.8.10",
+            "wheels": str(DEMO / "wheels"),
+        },
+        "service": {
+            "exec": "python3 gr.py",
+            "user": "linaro",
+            "port": 8999,
+            "after": ["bmrt_loadko.service", "bmrt_setup.service"],
+        },
         "dirs": ["models/controlnet", "outputs"],
     }
     app.update(over)
@@ -90,8 +104,9 @@ def test_app_tree_models_python_and_unit_land_with_owner_and_modes(app_build) ->
     debugfs(data, f"dump /SD-demo/models/controlnet/canny_demo.bmodel {dumped}")
     assert dumped.read_bytes() == (DEMO / "canny_demo.bmodel").read_bytes()
     basic = debugfs(data, "ls /SD-demo/models/basic").stdout.split()
-    assert [n for n in basic if not n.startswith(("(", "."))
-            and not n.isdigit()] == ["DemoModel"]  # nothing else sits in models/basic
+    assert [n for n in basic if not n.startswith(("(", ".")) and not n.isdigit()] == [
+        "DemoModel"
+    ]  # nothing else sits in models/basic
     assert "not found" in debugfs(data, "stat /SD-demo/.pydeps/bin").stderr
     unit = debugfs(rootfs, "cat /etc/systemd/system/sd-demo.service").stdout
     assert "WorkingDirectory=/data/SD-demo" in unit and "User=linaro" in unit
@@ -135,8 +150,11 @@ def _tar(members: dict[str, bytes], links: dict[str, str] | None = None) -> byte
     ],
 )
 def test_unsafe_source_archive_is_refused(
-    members: dict[str, bytes], links: dict[str, str] | None, message: str,
-    vendor_package_session: vf.MiniPackage, tmp_path: Path,
+    members: dict[str, bytes],
+    links: dict[str, str] | None,
+    message: str,
+    vendor_package_session: vf.MiniPackage,
+    tmp_path: Path,
 ) -> None:
     evil = tmp_path / "evil.tar.gz"
     evil.write_bytes(_tar(members, links))
@@ -202,16 +220,28 @@ def test_lock_update_python_resolves_aarch64_cp38_wheels(tmp_path: Path) -> None
     for name in ("sd-lcm-tpu.in",):
         shutil.copy(REPO / "recipes" / name, tmp_path / name)
     recipe = write_recipe(
-        tmp_path, {"path": str(tmp_path)}, name="relock",
-        apps={"sd": {"path": "/data/sd", "python": {
-            "lock": "sd-lcm-tpu.lock", "requirements": "sd-lcm-tpu.in", "exclude_newer": "2024-08-15",
-            "python": "3.8.10"}}},
+        tmp_path,
+        {"path": str(tmp_path)},
+        name="relock",
+        apps={
+            "sd": {
+                "path": "/data/sd",
+                "python": {
+                    "lock": "sd-lcm-tpu.lock",
+                    "requirements": "sd-lcm-tpu.in",
+                    "exclude_newer": "2024-08-15",
+                    "python": "3.8.10",
+                },
+            }
+        },
     )
     (tmp_path / "sd-lcm-tpu.lock").write_text("")  # exists but stale: --update-python rewrites it
-    out = cli("lock", recipe, "--update-python", "--cache-dir", tmp_path / "cache", env={"PATH": os.environ["PATH"]})
+    out = cli(
+        "lock", recipe, "--update-python", "--cache-dir", tmp_path / "cache", env={"PATH": os.environ["PATH"]}
+    )
     # the base is a folder with no package: locking it is a no-op, the python lock is what counts
     pins = parse_lock(tmp_path / "sd-lcm-tpu.lock")
-    assert out.returncode == 0 or pins, out.stderr
+    assert out.returncode == 0, out.stderr
     names = {p.name for p in pins}
     assert {"torch", "gradio", "diffusers", "pillow"} <= names and "opencv-python" not in names
     assert len(pins) == len(parse_lock(REPO / "recipes" / "sd-lcm-tpu.lock"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import sys
@@ -63,34 +64,55 @@ def main(ctx: click.Context, debug: bool, quiet: bool, json_mode: bool) -> None:
     ctx.obj = {"debug": debug, "quiet": quiet, "json": json_mode}
 
 
+def as_airbox_error(e: BaseException) -> AirboxError:
+    """Turn what is not our own error into one a person can act on; never a bare traceback."""
+    if isinstance(e, AirboxError):
+        return e
+    if isinstance(e, OSError):
+        where = e.filename if isinstance(e.filename, str) else None
+        hints = {
+            errno.ENOSPC: "free some space (or use -o on a bigger disk) and run the build again",
+            errno.EDQUOT: "free some space (or use -o on a bigger disk) and run the build again",
+            errno.EACCES: "check the permissions of that path, or choose another output folder with -o",
+            errno.EPERM: "check the permissions of that path, or choose another output folder with -o",
+            errno.EROFS: "the filesystem is read-only: choose another output folder with -o",
+        }
+        return AirboxError(e.strerror or str(e), where=where, hint=hints.get(e.errno or 0))
+    return AirboxError(
+        f"internal error ({type(e).__name__}: {e})",
+        hint="this is a bug in airbox-build: run again with --debug and report the traceback",
+    )
+
+
 def _fail(ctx: click.Context, e: BaseException) -> None:
     obj = ctx.find_root().obj or {}
-    if obj.get("json"):
-        payload: dict[str, Any] = {"event": "error", "message": str(e)}
-        if isinstance(e, AirboxError):
-            payload.update(message=e.message, where=e.where, hint=e.hint)
-        click.echo(json.dumps(payload, sort_keys=True))
     if obj.get("debug"):
         import traceback
 
         traceback.print_exception(e, file=sys.stderr)
-    if isinstance(e, AirboxError):
-        click.echo(e.render(), err=True)
-        ctx.exit(EXIT_ERROR)
     if isinstance(e, KeyboardInterrupt):
-        click.echo("interrupted; nothing was left half-written in the output folder", err=True)
+        if obj.get("json"):
+            click.echo(json.dumps({"event": "error", "message": "interrupted"}, sort_keys=True))
+        click.echo("interrupted; the previous output (if any) is left as it was", err=True)
         ctx.exit(EXIT_INTERRUPTED)
-    raise e
+    err = as_airbox_error(e)
+    if obj.get("json"):
+        payload = {"event": "error", "message": err.message, "where": err.where, "hint": err.hint}
+        click.echo(json.dumps(payload, sort_keys=True))
+    click.echo(err.render(), err=True)
+    ctx.exit(EXIT_ERROR)
 
 
 def guarded(fn: Callable[..., None]) -> Callable[..., None]:
-    """Run a command; turn our errors into a one-screen message and exit 1."""
+    """Run a command; turn every error into a one-screen message and exit 1 (130 on Ctrl-C)."""
 
     def wrapper(*args: Any, **kwargs: Any) -> None:
         ctx = click.get_current_context()
         try:
             fn(*args, **kwargs)
-        except (AirboxError, KeyboardInterrupt) as e:
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except (Exception, KeyboardInterrupt) as e:
             _fail(ctx, e)
 
     wrapper.__name__ = fn.__name__

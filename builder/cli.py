@@ -1,4 +1,4 @@
-"""Command line: build (default), inspect, verify, lock, cache."""
+"""Command line: build (default), inspect, verify, write, lock, cache."""
 
 from __future__ import annotations
 
@@ -354,7 +354,11 @@ def verify(
     if rep.failures:
         raise VerifyError(
             f"{len(rep.failures)} problem(s) found in {target}",
-            hint="rebuild the bundle; do not write it to a card",
+            hint=(
+                "write the bundle to the card again (airbox-build write), or try another card or reader"
+                if against is not None
+                else "rebuild the bundle; do not write it to a card"
+            ),
         )
     if simulate is not None and extract is not None and rep.plan is not None:
         extract_partitions(simulate, rep.plan, extract)

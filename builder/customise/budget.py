@@ -167,8 +167,8 @@ def layout_fix(label: str, used_bytes: int, need_bytes: int) -> tuple[int, str]:
     recipe line: ``layout: {DATA: 8GiB}``."""
     base = (used_bytes + needed_with_margin(need_bytes)) * (1 + GROW_OVERHEAD)
     wanted = base + min(GROW_SPARE, base * 0.25)
-    if wanted < GIB:
-        mib = math.ceil(wanted / (1 << 20))
+    mib = math.ceil(wanted / (1 << 20))
+    if mib < 1024:
         return mib << 20, f"layout: {{{label}: {mib}MiB}}"
     gib = math.ceil(wanted / GIB)
     return gib * GIB, f"layout: {{{label}: {gib}GiB}}"

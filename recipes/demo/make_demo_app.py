@@ -143,6 +143,7 @@ def main() -> int:
     print("source sha256:", hashlib.sha256(written["sd-demo-src.tar.gz"]).hexdigest())
     print("canny sha256: ", hashlib.sha256(written["canny_demo.bmodel"]).hexdigest())
     print("model md5:    ", hashlib.md5(archive).hexdigest(), "(of the joined parts)")
+    print("model sha256: ", hashlib.sha256(archive).hexdigest(), "(of the joined parts)")
     return 0
 
 

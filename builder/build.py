@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,13 +20,15 @@ from builder.events import Reporter
 from builder.fetch import FetchOptions, fetch
 from builder.inputs import InputSpec
 from builder.manifest import write_sha256sums
+from builder.outdir import RESULT, build_slot, replace_dir
 from builder.package.chunks import DEFAULT_LEVEL, JoinedImage
 from builder.package.flashplan import FlashPlan, read_flash_plan
 from builder.package.layout import LayoutChange, apply_layout
 from builder.package.source import open_package
+from builder.preflight import check_card_chunks, check_package_files, preflight_build
 from builder.recipe import Recipe, iter_inputs
+from builder.redact import redact_data
 from builder.repack import ImageEdit, RepackResult, apply_edits, repack
-from builder.run import BUILD_TOOLS, require_tools
 
 CARD = "card"
 REPORT = "build-report.json"
@@ -72,13 +73,15 @@ def build(
     reporter: Reporter,
     extra_edits: Mapping[str, Sequence[ImageEdit]] | None = None,
 ) -> BuildResult:
-    require_tools(*BUILD_TOOLS)
+    preflight_build(opts.output_dir)  # tools, e2fsprogs, the output filesystem: before any download
     out_root = opts.output_dir
-    out_root.mkdir(parents=True, exist_ok=True)
     final = out_root / recipe.name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{recipe.name}.tmp-", dir=out_root))
-    try:
-        result_dir = tmp / "result"
+    # The temp folder (work files and the new bundle) lives beside the bundle: see builder.outdir.
+    with (
+        build_slot(out_root, recipe.name, reporter, also_writes=[opts.fetch.cache_dir]) as tmp,
+        contextlib.ExitStack() as cleanup,
+    ):
+        result_dir = tmp / RESULT
         card = result_dir / CARD
         card.mkdir(parents=True)
         work = tmp / "work"
@@ -88,11 +91,13 @@ def build(
         with open_package(base.path, work / "source") as files:
             with reporter.step("read package", form=files.form):
                 plan = read_flash_plan(files)
+                check_package_files(plan.files)
             epoch = opts.epoch if opts.epoch is not None else plan.headers["boot.scr"].timestamp
             layout = _plan_layout(recipe, plan, reporter)
             limits = {p.label: p.size_bytes for p in layout.table.partitions} if layout else None
             cust = Customiser(recipe, plan, files, work, epoch, reporter, workers=opts.workers, limits=limits)
             cust.fetch_opts = opts.fetch
+            cleanup.callback(cust.close)
             if recipe.apps:
                 with reporter.step("app budget"):
                     check_app_budget(cust, opts.fetch)
@@ -106,6 +111,7 @@ def build(
                 images.update(apply_edits(files, plan, work, extra_edits, opts.workers))
             with reporter.step("repack"):
                 repacked = _repack(files, plan, card, images, opts, reporter, layout, previous=final)
+                check_card_chunks(card, _card_chunks(repacked))
         artifacts = emit_artifacts(
             card,
             result_dir,
@@ -121,15 +127,24 @@ def build(
             report["changes"] = cust.report()
             report["apps"] = app_report(cust)
             report["artifacts"] = {a.kind: a.name for a in artifacts}
+            report = redact_data(report)  # no URL credentials or password hashes (builder.redact)
             (result_dir / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
             listed = sorted(p for p in card.rglob("*") if p.is_file())
             listed += [result_dir / a.name for a in artifacts]
             known = {card / name: digest for name, digest in repacked.known_sha256.items()}
             write_sha256sums(result_dir / SUMS, result_dir, listed, known=known)
-            _replace_dir(result_dir, final)
+            replace_dir(tmp, final)
         return BuildResult(final, final / CARD, report, tuple(artifacts))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _card_chunks(repacked: RepackResult) -> list[tuple[str, int]]:
+    """(chunk file, uncompressed bytes) of every gzip chunk on the card."""
+    return [
+        (str(c["file"]), int(c["bytes"]))  # type: ignore[call-overload]
+        for p in repacked.partitions
+        for c in p.chunks
+        if c.get("bytes") is not None
+    ]
 
 
 def _plan_layout(recipe: Recipe, plan: FlashPlan, reporter: Reporter) -> LayoutChange | None:
@@ -181,17 +196,6 @@ def _repack(
             progress=lambda _label, n, _total: advance(n),
             previous=previous,  # the last bundle: chunks it compressed are linked, not redone
         )
-
-
-def _replace_dir(new: Path, final: Path) -> None:
-    """Put `new` at `final`; the previous output stays intact until the new one is complete."""
-    old: Path | None = None
-    if final.exists() or final.is_symlink():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.rename(final, old)
-    os.rename(new, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _report(

@@ -5,8 +5,10 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,15 @@ EXIT_OK = 0
 EXIT_ERROR = 1  # any AirboxError: a bad recipe, input, package, a failed verification
 EXIT_USAGE = 2  # click's usage errors
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # SIGTERM (a cancelled CI job, `kill`): cleaned up like Ctrl-C
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that a build cleans up its temp folder before it exits."""
+
+
+def _on_sigterm(_signum: int, _frame: Any) -> None:
+    raise Terminated
 
 
 class DefaultGroup(click.Group):
@@ -61,7 +72,13 @@ def main(ctx: click.Context, debug: bool, quiet: bool, json_mode: bool) -> None:
         format="%(levelname)s: %(message)s",
         stream=sys.stderr,
     )
+    from builder.redact import RedactingFilter
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter())  # no credential in a log line, --debug included
     ctx.obj = {"debug": debug, "quiet": quiet, "json": json_mode}
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def as_airbox_error(e: BaseException) -> AirboxError:
@@ -89,15 +106,17 @@ def _fail(ctx: click.Context, e: BaseException) -> None:
     if obj.get("debug"):
         import traceback
 
-        traceback.print_exception(e, file=sys.stderr)
+        from builder.redact import redact_text
+
+        sys.stderr.write(redact_text("".join(traceback.format_exception(e))))
     if isinstance(e, KeyboardInterrupt):
         if obj.get("json"):
             click.echo(json.dumps({"event": "error", "message": "interrupted"}, sort_keys=True))
         click.echo("interrupted; the previous output (if any) is left as it was", err=True)
-        ctx.exit(EXIT_INTERRUPTED)
+        ctx.exit(EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED)
     err = as_airbox_error(e)
     if obj.get("json"):
-        payload = {"event": "error", "message": err.message, "where": err.where, "hint": err.hint}
+        payload = {"event": "error", **err.public()}
         click.echo(json.dumps(payload, sort_keys=True))
     click.echo(err.render(), err=True)
     ctx.exit(EXIT_ERROR)
@@ -248,13 +267,15 @@ def build(
     locked: bool,
 ) -> None:
     """Build RECIPE into OUTPUT/<name>/ (card/, SHA256SUMS, build-report.json)."""
-    from builder.build import BuildOptions, source_date_epoch
-    from builder.build import build as run_build
-    from builder.emit import result_fields
     from builder.recipe import load_recipe
 
     reporter = _reporter(ctx)
-    r = load_recipe(recipe)
+    r = load_recipe(recipe)  # first: a recipe error shows at once, before the build's imports
+
+    from builder.build import BuildOptions, source_date_epoch
+    from builder.build import build as run_build
+    from builder.emit import result_fields
+
     fopts = make_fetch_options(r, cache_dir, offline, input_dirs, mirrors, locked, reporter)
     opts = BuildOptions(
         output_dir=output_dir, fetch=fopts, workers=jobs, epoch=source_date_epoch(), image=image, zip=zip_
@@ -332,6 +353,7 @@ def verify(
     or a mounted card after writing it (against its md5.txt, and --against the bundle)."""
     from builder.errors import VerifyError
     from builder.package.source import open_package
+    from builder.redact import redact_text
     from builder.verify import extract_partitions, verify_fileset
 
     reporter = _reporter(ctx)
@@ -350,14 +372,15 @@ def verify(
     for f in rep.failures:
         reporter.event("failure", file=f.file, message=f.message)
         if not reporter.json_mode:
-            click.echo(f"FAIL {f.file}: {f.message}", err=True)
+            click.echo(redact_text(f"FAIL {f.file}: {f.message}"), err=True)
     if rep.failures:
         raise VerifyError(
             f"{len(rep.failures)} problem(s) found in {target}",
             hint=(
                 "write the bundle to the card again (airbox-build write), or try another card or reader"
                 if against is not None
-                else "rebuild the bundle; do not write it to a card"
+                else "do not write it to a card: rebuild the bundle (airbox-build build), or for a vendor "
+                "package, download it again"
             ),
         )
     if simulate is not None and extract is not None and rep.plan is not None:
@@ -446,6 +469,7 @@ def _cache_dir_option(f: Callable[..., Any]) -> Callable[..., Any]:
 def cache_list_cmd(ctx: click.Context, cache_dir: Path | None) -> None:
     """List cached inputs: size, sha256, last use, URLs."""
     from builder.cache import cache_list, default_cache_dir
+    from builder.redact import redact_url
 
     entries = cache_list(cache_dir or default_cache_dir())
     if (ctx.find_root().obj or {}).get("json"):
@@ -457,7 +481,7 @@ def cache_list_cmd(ctx: click.Context, cache_dir: Path | None) -> None:
                         "path": str(e.path),
                         "size": e.size,
                         "sha256": e.sha256,
-                        "urls": list(e.urls),
+                        "urls": [redact_url(u) for u in e.urls],
                         "partial": e.partial,
                         "last_used": e.last_used,
                     },
@@ -470,7 +494,8 @@ def cache_list_cmd(ctx: click.Context, cache_dir: Path | None) -> None:
     for e in entries:
         total += e.size
         state = "partial " if e.partial else ""
-        click.echo(f"{state}{e.size:>14,}  {(e.sha256 or '-')[:16]}  {e.last_used}  {' '.join(e.urls)}")
+        urls = " ".join(map(redact_url, e.urls))
+        click.echo(f"{state}{e.size:>14,}  {(e.sha256 or '-')[:16]}  {e.last_used}  {urls}")
     click.echo(f"{len(entries)} entries, {total:,} bytes in {cache_dir or default_cache_dir()}")
 
 

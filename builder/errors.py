@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import NoReturn
 
+from builder.redact import redact_text
+
 
 class AirboxError(Exception):
     """An error meant for a human: what went wrong, where, and what to do."""
@@ -14,14 +16,23 @@ class AirboxError(Exception):
         self.hint = hint
         self.where = where
 
+    def public(self) -> dict[str, str | None]:
+        """message, where and hint as they may be shown: credentials masked (builder.redact)."""
+        return {
+            "message": redact_text(self.message),
+            "where": redact_text(self.where) if self.where else self.where,
+            "hint": redact_text(self.hint) if self.hint else self.hint,
+        }
+
     def render(self) -> str:
+        shown = self.public()
         lines = []
-        if self.where:
-            lines.append(f"error: {self.where}: {self.message}")
+        if shown["where"]:
+            lines.append(f"error: {shown['where']}: {shown['message']}")
         else:
-            lines.append(f"error: {self.message}")
-        if self.hint:
-            lines.append(f"hint: {self.hint}")
+            lines.append(f"error: {shown['message']}")
+        if shown["hint"]:
+            lines.append(f"hint: {shown['hint']}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -38,6 +49,14 @@ class FetchError(AirboxError):
 
 class PackageError(AirboxError):
     """The vendor package is malformed or inconsistent."""
+
+    DEFAULT_HINT = (
+        "the vendor package is damaged or inconsistent: download it again (and check its checksum), "
+        "or run `airbox-build verify` on it to list every problem"
+    )
+
+    def __init__(self, message: str, *, hint: str | None = None, where: str | None = None) -> None:
+        super().__init__(message, hint=hint or self.DEFAULT_HINT, where=where)
 
 
 class ToolError(AirboxError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -12,6 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from tqdm import tqdm
+
+from builder.pool import Cancelled, cancelled
+from builder.redact import redact_data, redact_text
+
+STALL_ENV = "_AIRBOX_BUILD_STALL_AT"  # private test hook, see checkpoint()
 
 
 @dataclass
@@ -36,16 +42,19 @@ class Reporter:
 
     def event(self, kind: str, **data: Any) -> None:
         if self.json_mode:
+            line = json.dumps({"event": kind, **redact_data(data)}, sort_keys=True)
             with self._lock:
-                sys.stdout.write(json.dumps({"event": kind, **data}, sort_keys=True) + "\n")
+                sys.stdout.write(line + "\n")
                 sys.stdout.flush()
 
     def info(self, message: str) -> None:
+        message = redact_text(message)
         self.event("info", message=message)
         if not self.json_mode and not self.quiet:
             print(message, file=self.stream)
 
     def warn(self, message: str) -> None:
+        message = redact_text(message)  # also what the build report lists
         self.warnings.append(message)
         self.event("warning", message=message)
         if not self.json_mode:
@@ -57,6 +66,7 @@ class Reporter:
         self.event("step-start", step=name, **data)
         if not self.json_mode and not self.quiet:
             print(f"==> {name}", file=self.stream)
+        checkpoint(f"step:{name}")
         ok = False
         try:
             yield
@@ -76,10 +86,13 @@ class Reporter:
         )
         done = 0
         last = 0.0
+        calls = 0
 
         def advance(n: int) -> None:
-            nonlocal done, last
+            nonlocal done, last, calls
             with self._lock:
+                calls += 1
+                call = calls
                 done += n
                 if bar is not None:
                     bar.update(n)
@@ -87,9 +100,33 @@ class Reporter:
                 if self.json_mode and (now - last > 1.0 or done >= total):
                     last = now
                     self.event("progress", label=label, done=done, total=total)
+            checkpoint(f"progress:{label}:{call}")
 
         try:
             yield advance
         finally:
             if bar is not None:
                 bar.close()
+
+
+def checkpoint(point: str) -> None:
+    """A private test hook: with _AIRBOX_BUILD_STALL_AT=<point>, stop at that point until killed.
+
+    Points: `step:<name>` (a step has just started), `progress:<label>:<k>` (the k-th piece of
+    work of a progress bar is done, in whatever worker thread did it), `replace` (the new bundle
+    is complete, about to take the old one's place), `replace-between` (between the two renames
+    of builder.outdir.replace_dir's fallback, where Ctrl-C is held: SIGKILL only). The hook
+    prints `{"event": "stalled", "at": point}` on stdout and waits there: on the main thread
+    until a signal interrupts it, in a worker until its pool is cancelled. The interruption
+    tests use it to kill a build at an exact point.
+    """
+    if os.environ.get(STALL_ENV) != point:
+        return
+    sys.stdout.write(json.dumps({"event": "stalled", "at": point}) + "\n")
+    sys.stdout.flush()
+    main = threading.main_thread()
+    on_main = threading.current_thread() is main
+    while True:
+        if not on_main and (cancelled() or not main.is_alive()):
+            raise Cancelled
+        time.sleep(0.01)

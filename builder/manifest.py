@@ -6,10 +6,10 @@ import hashlib
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from builder.errors import PackageError
+from builder.pool import worker_pool
 
 MD5_NAME = "md5.txt"
 EMPTY_MD5 = hashlib.md5(b"").hexdigest()
@@ -91,7 +91,7 @@ def write_sha256sums(
     paths = list(files)
     known = known or {}
     todo = [p for p in paths if p not in known]
-    with ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, 8))) as pool:
+    with worker_pool(max(1, min(os.cpu_count() or 1, 8))) as pool:
         fresh = dict(zip(todo, pool.map(file_digest, todo), strict=True))
     lines = sorted(f"{known.get(p) or fresh[p]}  {p.relative_to(base).as_posix()}\n" for p in paths)
     dest.write_text("".join(sorted(lines, key=lambda ln: ln[66:])))

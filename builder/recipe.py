@@ -205,7 +205,9 @@ def read_yaml(file: Path, budget: list[int] | None = None) -> Node:
         data = file.read_bytes()
     except OSError as exc:
         raise RecipeError(
-            f"cannot read the recipe: {exc.strerror or exc}", where=shown, hint="check the path"
+            f"cannot read the recipe: {exc.strerror or exc}",
+            where=shown,
+            hint="check the path (relative to the current folder) and that the file is readable",
         ) from None
     try:
         text = data.decode("utf-8-sig")
@@ -280,7 +282,20 @@ def describe(node: Node) -> str:
 def _type_error(node: Node, path: KeyPath, expected: str, hint: str | None = None) -> RecipeError:
     if hint is None and expected.startswith("a string") and node.raw is not None and node.value is not None:
         hint = f"quote it: {json.dumps(node.raw)}"
-    return err(node, path, f"expected {expected}, found {describe(node)}", hint)
+    message = f"expected {expected}, found {describe(node)}"
+    return err(node, path, message, hint or _type_hint(node, path, expected))
+
+
+def _type_hint(node: Node, path: KeyPath, expected: str) -> str:
+    key = next((part for part in reversed(path) if isinstance(part, str)), None)
+    name = f"`{key}`" if key else "this value"
+    if expected.startswith("a mapping"):
+        return f"write {name} as indented `key: value` lines under it, or as {{key: value}}"
+    if expected.startswith("a list"):
+        return f"write {name} as a list: [a, b] or one `- item` per line"
+    if node.is_map or node.is_list:
+        return f"{name} takes {expected}: write one value, without [ ] or {{ }}"
+    return f"{name} takes {expected}; see the Recipes section of README.md for an example"
 
 
 def expect_map(node: Node, path: KeyPath) -> dict[str, Node]:
@@ -1015,6 +1030,14 @@ class _RecipeParser:
                     keys.append(text.strip())
             password_hash = None
             if "password_hash" in given:
+                if not isinstance(given["password_hash"].value, str):
+                    # never echo the value: it may be a plaintext password
+                    raise err(
+                        given["password_hash"],
+                        (*path, "password_hash"),
+                        "password_hash must be a quoted crypt(3) hash string",
+                        _PLAINTEXT_HINT,
+                    )
                 password_hash = expect_str(given["password_hash"], (*path, "password_hash"))
                 if not _CRYPT.fullmatch(password_hash):
                     raise err(

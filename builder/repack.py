@@ -12,7 +12,6 @@ import logging
 import shutil
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from builder.package.flashplan import SECTOR, FileSet, FlashPlan, PartitionFlash
 from builder.package.layout import LayoutChange, encode_gpt, gpt_from_table, rewrite_partition_xml
 from builder.package.scripts import NewChunk, regenerate
 from builder.package.uimage import encode_script
+from builder.pool import worker_pool
 
 log = logging.getLogger("airbox-build")
 
@@ -358,7 +358,7 @@ def _write_md5(
     known = known or {}
     todo = [p for p in paths if p.name not in known]
     # hashlib releases the GIL on large buffers: the files are hashed side by side
-    with ThreadPoolExecutor(workers or default_workers()) as pool:
+    with worker_pool(workers or default_workers()) as pool:
         md5s = dict(zip((p.name for p in todo), pool.map(lambda p: file_digest(p, "md5"), todo), strict=True))
     digests = {p.name: known[p.name] if p.name in known else md5s[p.name] for p in paths}
     (card / MD5_NAME).write_text(render_md5(digests, vendor_text))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import shutil
+import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -39,28 +41,49 @@ TOOL_PACKAGES: dict[str, str] = {
 BUILD_TOOLS = ("debugfs", "e2fsck", "resize2fs", "dumpe2fs", "mcopy", "mdir", "mkfs.fat")
 
 
+# Homebrew's name where it differs from Debian's (None: not in Homebrew; macOS has its own).
+BREW_PACKAGES: dict[str, str | None] = {"gdisk": "gptfdisk", "xz-utils": "xz", "fdisk": None}
+
+# Where tools are looked for when PATH lacks them: e2fsprogs and dosfstools live in /sbin on
+# Debian, which a user's PATH may lack; Homebrew's e2fsprogs is keg-only.
+FALLBACK_DIRS = (
+    "/usr/sbin",
+    "/sbin",
+    "/usr/local/sbin",
+    "/opt/homebrew/opt/e2fsprogs/sbin",
+    "/usr/local/opt/e2fsprogs/sbin",
+)
+TOOL_DIRS_ENV = "_AIRBOX_BUILD_TOOL_DIRS"  # private test hook: the fallback dirs (os.pathsep list)
+
+
 def install_hint(missing: Sequence[str]) -> str:
     packages = sorted({TOOL_PACKAGES.get(t, t) for t in missing})
-    return (
-        f"install them: sudo apt-get install -y {' '.join(packages)}"
-        f"  (macOS: brew install {' '.join(p for p in packages if p != 'fdisk')})"
-    )
+    brew = sorted({b for p in packages if (b := BREW_PACKAGES.get(p, p))})
+    hint = f"install them: sudo apt-get install -y {' '.join(packages)}"
+    return hint + (f"  (macOS: brew install {' '.join(brew)})" if brew else "")
 
 
 def require_tools(*tools: str) -> None:
     """Fail before any long work when a system tool is missing, naming the package."""
     missing = [t for t in tools if find_tool(t) is None]
     if missing:
-        raise ToolError(f"missing system tool(s): {', '.join(missing)}", hint=install_hint(missing))
+        named = ", ".join(f"{t} (package {TOOL_PACKAGES[t]})" if t in TOOL_PACKAGES else t for t in missing)
+        raise ToolError(f"missing system tool(s): {named}", hint=install_hint(missing))
+
+
+def _fallback_dirs() -> tuple[str, ...]:
+    value = os.environ.get(TOOL_DIRS_ENV)
+    if value is None:
+        return FALLBACK_DIRS
+    return tuple(d for d in value.split(os.pathsep) if d)
 
 
 def find_tool(name: str) -> str | None:
     found = shutil.which(name)
     if found is None:
-        # e2fsprogs and dosfstools live in /sbin on Debian, which a user's PATH may lack.
-        for d in ("/usr/sbin", "/sbin", "/usr/local/sbin", "/opt/homebrew/opt/e2fsprogs/sbin"):
+        for d in _fallback_dirs():
             cand = Path(d) / name
-            if cand.is_file():
+            if cand.is_file() and os.access(cand, os.X_OK):
                 return str(cand)
     return found
 
@@ -96,8 +119,21 @@ def run(
         err = (proc.stderr or b"").decode(errors="replace").strip()
         tail = "\n".join(err.splitlines()[-15:])
         raise ToolError(
-            f"{Path(args[0]).name} failed (exit {proc.returncode}): {shlex.join(args[1:])[:300]}"
+            f"{Path(args[0]).name} failed ({exit_text(proc.returncode)}): {shlex.join(args[1:])[:300]}"
             + (f"\n{tail}" if tail else ""),
             hint=hint,
         )
     return proc
+
+
+def exit_text(returncode: int) -> str:
+    """`exit 1`, or the signal that killed the tool (SIGXFSZ: it hit the file size limit)."""
+    if returncode >= 0:
+        return f"exit {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        return f"killed by signal {-returncode}"
+    if name == "SIGXFSZ":
+        return "killed by SIGXFSZ: File too large, the file size limit was reached"
+    return f"killed by {name}"

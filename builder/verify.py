@@ -11,7 +11,6 @@ import hashlib
 import os
 import re
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from isal import isal_zlib
 
 from builder.errors import AirboxError, PackageError
 from builder.manifest import MD5_NAME, parse_md5
-from builder.package.chunks import GZIP_WBITS, PIECE, default_workers, is_fat_safe
+from builder.package.chunks import GZIP_WBITS, PIECE, default_workers, is_fat_safe, pwrite_all
 from builder.package.flashplan import (
     CHUNK_NAME,
     FORBIDDEN_TOP,
@@ -29,6 +28,7 @@ from builder.package.flashplan import (
     read_flash_plan,
 )
 from builder.package.scripts import ChunkBlock
+from builder.pool import worker_pool
 
 FAT32_MAX = (4 << 30) - 1
 MAX_COMPRESSED = 256 << 20  # ramdisk_addr_r .. unzip_addr on the BM1684X
@@ -271,13 +271,13 @@ def _check_and_simulate(
             )
 
     try:
-        with ThreadPoolExecutor(workers or default_workers()) as pool:
+        with worker_pool(workers or default_workers()) as pool:
             list(pool.map(one, range(len(writes))))
         if fd is not None:
             for j in ram.tails:
                 w = writes[j]
                 _, s, _e = ram.tails[j]
-                os.pwrite(fd, ram.tail(j), w.chunk.offset_sectors * SECTOR + s)
+                pwrite_all(fd, ram.tail(j), w.chunk.offset_sectors * SECTOR + s)
     finally:
         if fd is not None:
             os.close(fd)
@@ -291,7 +291,7 @@ def _pwrite_sparse(fd: int, data: bytes, offset: int) -> None:
     for start in range(0, len(view), 1 << 20):
         piece = view[start : start + (1 << 20)]
         if piece != _ZEROS[: len(piece)]:
-            os.pwrite(fd, piece, offset + start)
+            pwrite_all(fd, piece, offset + start)
 
 
 def extract_partitions(emmc: Path, plan: FlashPlan, dest: Path) -> dict[str, Path]:

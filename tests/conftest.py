@@ -20,8 +20,15 @@ import vendor_fixture as vf
 from hypothesis import HealthCheck, settings
 
 # Shared machines are noisy: a per-example deadline would make property tests flaky.
+# Blobs of a whole GPT (17 KiB) routinely exceed hypothesis's entropy budget: not a test failure.
 settings.register_profile(
-    "airbox", deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+    "airbox",
+    deadline=None,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.data_too_large,
+    ],
 )
 settings.load_profile("airbox")
 

@@ -8,6 +8,7 @@
         server.add("/old", b"", redirect_to="/img.bin") # 302 to another path (or an absolute URL)
         server.add("/evil", data, wrong_bytes=other)    # serves `other` under data's name
         server.add("/slow", data, delay=0.01)           # sleeps between 16 KiB chunks
+        server.add("/private", data, auth="bob:pw", query="token=t")  # 401/403 without them
         fetch(server.url("/img.bin"))
         server.requests("/img.bin")  # [Request(method, path, headers, range, status, sent), ...]
 
@@ -21,6 +22,7 @@ self-signed certificate for 127.0.0.1 (made with the openssl CLI); trust it with
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import socket
@@ -55,6 +57,8 @@ class Resource:
     delay: float = 0.0  # seconds to sleep before each chunk
     chunk_size: int = 16384
     head_allowed: bool = True  # False: HEAD answers 405
+    auth: str | None = None  # "user:password" required as HTTP Basic auth, else 401
+    query: str | None = None  # the exact query string required (e.g. "token=abc"), else 403
 
     def __post_init__(self) -> None:
         if self.etag is None:
@@ -228,6 +232,12 @@ def _make_handler(state: _State) -> type[BaseHTTPRequestHandler]:
                 plan = _plan(resource, head)
             if resource is None:
                 return self._simple(404, b"not found\n"), 0
+            if resource.auth is not None:
+                expected = "Basic " + base64.b64encode(resource.auth.encode()).decode()
+                if headers.get("Authorization") != expected:
+                    return self._simple(401, b"login required\n"), 0
+            if resource.query is not None and urlsplit(self.path).query != resource.query:
+                return self._simple(403, b"bad token\n"), 0
             if plan.fail_status:
                 return self._simple(plan.fail_status, b"injected failure\n"), 0
             if plan.redirect:

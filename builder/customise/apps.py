@@ -84,7 +84,8 @@ def _install_app(c: Customiser, app: App) -> AppResult:
     stage = root / "tree"
     if root.exists():
         shutil.rmtree(root)
-    stage.mkdir(parents=True)
+    root.mkdir(parents=True)
+    _mkdirs(stage)
     if app.source is not None:
         extract_archive(
             _fetched(c, app.source.input),
@@ -97,12 +98,12 @@ def _install_app(c: Customiser, app: App) -> AppResult:
         src = _fetched(c, model.input)
         if model.dest is not None:
             # written straight from the cache (no copy); its folder is staged so it gets the owner
-            (stage / model.dest).parent.mkdir(parents=True, exist_ok=True)
+            _mkdirs((stage / model.dest).parent)
             single_models.append((app.device_path(model.dest), src))
         else:
             assert model.extract is not None
             into = stage / model.extract
-            into.mkdir(parents=True, exist_ok=True)
+            _mkdirs(into)
             extract_archive(src, into, strip_components=model.strip_components, where=model.where)
     packages = 0
     if app.python is not None:
@@ -113,10 +114,11 @@ def _install_app(c: Customiser, app: App) -> AppResult:
         wheels = download_wheels(
             py.lock, py.platform, py.python, root / "wheels", opts, index=pip_index(py), where=py.where
         )
+        _mkdirs(stage / py.target)
         install_wheels(wheels, stage / py.target, target=Target(py.python, py.platform), where=py.where)
         packages = len(wheels)
     for d in app.dirs:
-        (stage / d).mkdir(parents=True, exist_ok=True)
+        _mkdirs(stage / d)
     files, size = _tree_size(stage)
     label = c.copy_tree(app.path, stage, uid=uid, gid=gid, origin=app.where, files=files, size=size)
     for device, src in single_models:
@@ -131,6 +133,18 @@ def _install_app(c: Customiser, app: App) -> AppResult:
             c.symlink(unit.enable_link, unit.enable_target, uid=0, gid=0, origin=origin)
         unit_name, port = unit.name, unit.port
     return AppResult(app.name, app.path, label, files, size, unit_name, port, packages)
+
+
+def _mkdirs(path: Path) -> None:
+    """`mkdir -p` with 0755 for every folder it makes, whatever the umask: the staged tree's
+    modes go into the image, and two builds must not differ by the umask they ran with."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        folder.mkdir()
+        os.chmod(folder, 0o755)
 
 
 def _fetched(c: Customiser, spec: InputSpec) -> Path:

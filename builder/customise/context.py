@@ -30,6 +30,9 @@ OPAQUE = "trusted.overlay.opaque"
 FSTAB = "/etc/fstab.emmc.ro"
 DIFF_MAX = 64 << 10
 REFUSED_MOUNTS = ("/boot", "/recovery")
+# Files whose changes the report records without a diff: it would show password hashes.
+SECRET_FILES = frozenset({"/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-"})
+SECRET_DIFF = "(diff redacted: the file holds password hashes)"
 
 
 @dataclass(frozen=True)
@@ -417,6 +420,9 @@ class Customiser:
                     and old.size <= DIFF_MAX
                     and size <= DIFF_MAX
                 ):
+                    if posixpath.normpath(p.device_path) in SECRET_FILES:
+                        ch.diff = SECRET_DIFF
+                        continue
                     new_bytes = data if data is not None else p.src.read_bytes() if p.src else b""
                     ch.diff = _text_diff(self.image(label).read_file(p.inner), new_bytes, p.device_path)
 
@@ -480,8 +486,8 @@ class Customiser:
     def finish(self, *, shrink: bool) -> dict[str, JoinedImage]:
         """Apply every batch; return the edited images of the partitions that changed."""
         self._clear_overlay_shadows()
+        self._check_budget()  # before hashing what is added: a too-big input fails at once
         self._resolve_pending()
-        self._check_budget()
         changed: dict[str, JoinedImage] = {}
         for label, batch in sorted(self._batches.items()):
             if not len(batch):
@@ -523,6 +529,11 @@ class Customiser:
 
     def report(self) -> list[dict[str, Any]]:
         return [asdict(c) for c in sorted(self.changes, key=lambda c: (c.partition, c.path, c.action))]
+
+    def close(self) -> None:
+        """Drop what batches never applied have staged (a failed or interrupted build)."""
+        for batch in self._batches.values():
+            batch.close()
 
 
 def _round_up_gib(n: int) -> str:

@@ -36,6 +36,7 @@ streamed (``r|``); zips are read by random access.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import posixpath
@@ -137,6 +138,8 @@ def extract_archive(
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
         if isinstance(exc, BuildError):  # pragma: no cover - BuildError is not an OSError
             raise
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+            raise  # writing failed, not reading: the build reports the full disk
         raise BuildError(
             f"cannot read {archive.name} ({fmt}): {exc}",
             where=where,
@@ -144,6 +147,9 @@ def extract_archive(
         ) from None
     writer.finish()
     return writer.entries()
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def unpacked_size(archive: Path, *, strip_components: int = 0, block: int = 4096) -> tuple[int, int]:

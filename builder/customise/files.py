@@ -68,7 +68,7 @@ def overlays(c: Customiser) -> None:
                     dirnames.remove(name)
                     _overlay_link(c, p, posixpath.join(device_dir, name), uid, gid, ov.where)
                     continue
-                mode = stat.S_IMODE(p.lstat().st_mode)
+                mode = _overlay_mode(p.lstat().st_mode)
                 if device_dir == "/" and name in ("boot", "recovery"):
                     raise RecipeError(
                         f"overlay {root} has a {name}/ folder; writing under /{name} is not supported",
@@ -91,13 +91,19 @@ def overlays(c: Customiser) -> None:
                     c.write(
                         device[: -len(".j2")],
                         data=data,
-                        mode=stat.S_IMODE(st.st_mode),
+                        mode=_overlay_mode(st.st_mode),
                         uid=uid,
                         gid=gid,
                         origin=origin,
                     )
                 else:
-                    c.write(device, src=p, mode=stat.S_IMODE(st.st_mode), uid=uid, gid=gid, origin=origin)
+                    c.write(device, src=p, mode=_overlay_mode(st.st_mode), uid=uid, gid=gid, origin=origin)
+
+
+def _overlay_mode(st_mode: int) -> int:
+    """The host mode without group/other write: a checkout made with umask 002 (0664/0775)
+    gives the same image as one made with umask 022, and no /etc file becomes group-writable."""
+    return stat.S_IMODE(st_mode) & ~0o022
 
 
 def _overlay_link(c: Customiser, link: Path, device: str, uid: int, gid: int, where: str) -> None:

@@ -51,7 +51,6 @@ import time
 import urllib.parse
 import zipfile
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
@@ -62,6 +61,7 @@ import requests
 from builder.cache import Cache, hash_file
 from builder.errors import BuildError, FetchError, RecipeError, ToolError
 from builder.fetch import FetchOptions, rewrite_url
+from builder.pool import worker_pool
 from builder.run import find_tool, run
 
 log = logging.getLogger("airbox-build")
@@ -1028,7 +1028,7 @@ def estimate_python_tree(
     if opts.offline:
         return PythonEstimate(total, exact=False, unknown=tuple(f"{p.name}=={p.version}" for p in missing))
     base = _index_url(index or PipIndex(), opts.mirrors)
-    with requests.Session() as session, ThreadPoolExecutor(max_workers=8) as pool:
+    with requests.Session() as session, worker_pool(8) as pool:
         session.headers["User-Agent"] = "airbox-build"
         sizes = list(pool.map(lambda p: _index_wheel_size(session, base, p, target, opts.timeout), missing))
     unknown = tuple(f"{p.name}=={p.version}" for p, s in zip(missing, sizes, strict=True) if s is None)

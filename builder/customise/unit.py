@@ -67,7 +67,7 @@ def render_app_unit(app: App) -> RenderedUnit:
     text = _template().render(
         unit_name=service.name,
         app_name=app.name,
-        where=_plain(service.where or app.where),
+        where=_plain(_recipe_where(service.where or app.where)),
         description=_plain(f"{app.name} (airbox-build app)"),
         after=after,
         wants=wants,
@@ -138,6 +138,15 @@ def _escape_specifiers(text: str) -> str:
 def _path_value(path: str) -> str:
     # WorkingDirectory= takes a path as is (no quoting); specifiers still apply.
     return _escape_specifiers(path)
+
+
+def _recipe_where(where: str) -> str:
+    """`FILE:LINE key` with FILE cut to its name: the unit must not depend on the folder (or the
+    working directory) the recipe was built from, or two builds of it would differ."""
+    m = re.match(r"^(.*?)(:\d+.*)$", where, re.DOTALL)
+    if m is None:
+        return where
+    return re.split(r"[\\/]", m[1])[-1] + m[2]
 
 
 def _plain(text: str) -> str:

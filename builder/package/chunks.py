@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -21,6 +20,7 @@ from isal import isal_zlib
 from builder.errors import PackageError
 from builder.package.flashplan import CHUNK_NAME, SECTOR, FileSet, PartitionFlash
 from builder.package.scripts import NewChunk
+from builder.pool import check_cancelled, worker_pool
 
 PIECE = 4 << 20
 GZIP_WBITS = 31  # gzip container: header with mtime 0, no name
@@ -61,6 +61,7 @@ def _decompress_chunk(
     try:
         with files.open(name) as f:
             while True:
+                check_cancelled()  # Ctrl-C: stop within a piece, not at the end of a 100 MB chunk
                 raw = f.read(PIECE)
                 if not raw:
                     break
@@ -107,7 +108,16 @@ def _write_sparse(fd: int, data: bytes, offset: int) -> None:
         piece = view[start : start + (1 << 20)]
         # bytes.startswith is one memcmp; comparing memoryviews goes element by element
         if not _ZEROS.startswith(piece):
-            os.pwrite(fd, piece, offset + start)
+            pwrite_all(fd, piece, offset + start)
+
+
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """os.pwrite until every byte is written: on a nearly full disk pwrite writes part of the
+    buffer and returns a short count (the next call raises ENOSPC), which must not go unseen."""
+    view = memoryview(data)
+    while view:
+        done = os.pwrite(fd, view, offset)
+        view, offset = view[done:], offset + done
 
 
 def join_partition(
@@ -125,7 +135,7 @@ def join_partition(
     fd = os.open(dest, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         os.ftruncate(fd, size)
-        with ThreadPoolExecutor(workers or default_workers()) as pool:
+        with worker_pool(workers or default_workers()) as pool:
             futures = [
                 pool.submit(
                     _decompress_chunk,
@@ -308,6 +318,7 @@ def compress_region(fd: int, offset: int, length: int, dest: BinaryIO, level: in
     c = isal_zlib.compressobj(level, isal_zlib.DEFLATED, GZIP_WBITS)
     pos = 0
     while pos < length:
+        check_cancelled()
         buf = os.pread(fd, min(PIECE, length - pos), offset + pos)
         if not buf:
             raise PackageError(f"image ends early at byte {offset + pos}")
@@ -374,7 +385,7 @@ def pack_partition(
 
     fd = os.open(image, os.O_RDONLY)
     try:
-        with ThreadPoolExecutor(workers or default_workers()) as executor:
+        with worker_pool(workers or default_workers()) as executor:
             return list(executor.map(one, range(total)))
     finally:
         os.close(fd)

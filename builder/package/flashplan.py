@@ -283,10 +283,12 @@ def _read_gpt(
     gpt = decode_gpt(blob, chunk.file)
     problems = check_gpt_against_table(gpt, table)
     if problems:
+        more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
         raise PackageError(
-            f"{chunk.file} disagrees with {xml_name}: " + "; ".join(problems),
+            f"{chunk.file} disagrees with {xml_name}: " + "; ".join(problems[:3]) + more,
             where=chunk.file,
-            hint="the package's GPT and partition XML must describe the same layout",
+            hint=f"the package's GPT and partition XML must describe the same layout: regenerate "
+            f"{chunk.file} from {xml_name} (the vendor's mk_gpt), or download the package again",
         )
     return gpt
 
@@ -318,6 +320,8 @@ def _check_chunks(part: PartitionFlash, script: ParsedScript, sizes: Mapping[str
                 f"chunk {c.file} ends at sector 0x{c.offset_sectors + c.count_sectors:08x}, past the end "
                 f"of partition {part.label} (0x{end:08x})",
                 where=where,
+                hint=f"the script would overwrite the partition after {part.label}: the package is "
+                "inconsistent; download it again, or regenerate it with the vendor's packer",
             )
         if c.unzip_bytes is not None:
             need = -(-c.unzip_bytes // SECTOR)

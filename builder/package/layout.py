@@ -710,7 +710,8 @@ def _decode_header(sector: bytes, where: str) -> dict:
             raise PackageError(
                 f"GPT header: {what} is {got}, expected {want} (the layout mk_gpt writes)",
                 where=where,
-                hint="the U-Boot script writes exactly 34 sectors; a different GPT layout cannot be flashed",
+                hint="the U-Boot script writes exactly 34 sectors, so only mk_gpt's layout can be flashed: "
+                "regenerate gpt.gz with the vendor's mk_gpt, or download the package again",
             )
     if not (GPT_SECTORS <= first_usable <= last_usable + 1 and last_usable < alternate_lba):
         raise PackageError(

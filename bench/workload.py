@@ -1,0 +1,148 @@
+"""What the benchmark builds: one recipe (netplan, mirrors, files, a 500 MiB app payload) and
+the same edits spelled out for the vendor-style baseline.
+
+The recipe and the baseline must do the same work, so both are generated here from one
+description. `payload_section()` is the one place that says how the app payload enters the
+recipe: today an overlay laid out like the device (`payload/data/app/...`); when the recipe's
+`apps:` section lands, return that section instead and keep the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+NAME = "bench"
+LINARO = (1000, 1000)
+
+# The base netplan (cold) and the variants a warm build switches to: only eth1's address changes.
+NETPLAN_ADDRESSES = ("192.168.150.1/24", "192.168.151.1/24", "192.168.152.1/24", "192.168.153.1/24")
+
+APT_MIRROR = "https://mirrors.tuna.tsinghua.edu.cn/ubuntu-ports/"
+PIP_INDEX = "https://pypi.tuna.tsinghua.edu.cn/simple"
+
+FILES: tuple[tuple[str, str, int, tuple[int, int]], ...] = (
+    ("/etc/motd", "Welcome to the benchmark AirBox\n", 0o644, (0, 0)),
+    ("/etc/default/app", "APP_HOME=/data/app\nAPP_THREADS=4\n", 0o600, (0, 0)),
+    ("/data/app/VERSION", "1.0.0\n", 0o644, LINARO),
+)
+
+
+def payload_section(payload_root: Path) -> dict[str, Any]:
+    """How the app payload enters the recipe (switch to `apps:` here when it lands)."""
+    return {"overlays": [{"path": str(payload_root), "owner": "linaro:linaro"}]}
+
+
+PAYLOAD_FORM = "overlays: a folder laid out like the device (payload/data/app/...), owner linaro:linaro"
+
+
+def network(variant: int) -> dict[str, Any]:
+    return {
+        "ethernets": {
+            "eth0": {"dhcp4": True},
+            "eth1": {
+                "addresses": [NETPLAN_ADDRESSES[variant]],
+                "gateway4": NETPLAN_ADDRESSES[variant].rsplit(".", 1)[0] + ".254",
+                "nameservers": ["223.5.5.5", "119.29.29.29"],
+                "optional": True,
+            },
+        }
+    }
+
+
+def recipe(package: Path, payload_root: Path, variant: int) -> dict[str, Any]:
+    r: dict[str, Any] = {
+        "name": NAME,
+        "description": "airbox-build benchmark",
+        "base": {"path": str(package)},
+        "network": network(variant),
+        "apt": {"mirror": APT_MIRROR},
+        "pip": {"index_url": PIP_INDEX},
+        "mirrors": {"https://github.com/": "https://ghproxy.example.net/https://github.com/"},
+        "files": [
+            {"path": p, "content": text, "mode": f"{mode:04o}"}
+            | ({"owner": "linaro:linaro"} if owner == LINARO else {})
+            for p, text, mode, owner in FILES
+        ],
+    }
+    r.update(payload_section(payload_root))
+    return r
+
+
+def write_recipe(dest: Path, package: Path, payload_root: Path, variant: int) -> Path:
+    # JSON is YAML: no quoting surprises, and the file stays diffable.
+    dest.write_text(json.dumps(recipe(package, payload_root, variant), indent=2) + "\n")
+    return dest
+
+
+# ----------------------------------------------------------------------------- the baseline's edits
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One file or folder the baseline writes, as a person with the mounted image would copy it."""
+
+    partition: str  # ROOTFS or DATA
+    path: str  # inside the partition
+    kind: str  # file | dir
+    mode: int
+    uid: int
+    gid: int
+    src: Path | None = None  # a host file to copy
+    text: str | None = None  # or literal content
+
+
+def netplan_text(variant: int) -> str:
+    """The vendor-style (8-space) netplan the recipe's network section stands for."""
+    addr = NETPLAN_ADDRESSES[variant]
+    gw = addr.rsplit(".", 1)[0] + ".254"
+    pad = " " * 8
+    return (
+        f"network:\n{pad}version: 2\n{pad}renderer: networkd\n{pad}ethernets:\n"
+        f"{pad * 2}eth0:\n{pad * 3}dhcp4: true\n{pad * 3}addresses: []\n{pad * 3}optional: true\n"
+        f"{pad * 2}eth1:\n{pad * 3}dhcp4: false\n{pad * 3}gateway4: {gw}\n"
+        f"{pad * 3}nameservers:\n{pad * 4}addresses: [223.5.5.5, 119.29.29.29]\n"
+        f"{pad * 3}addresses: [{addr}]\n{pad * 3}optional: true\n"
+    )
+
+
+def sources_list() -> str:
+    suites = ("focal", "focal-updates", "focal-backports", "focal-security")
+    return "".join(f"deb {APT_MIRROR} {s} main restricted universe multiverse\n" for s in suites)
+
+
+def baseline_edits(payload_root: Path, variant: int) -> list[Edit]:
+    edits = [
+        Edit("ROOTFS", "/etc/netplan/01-netcfg.yaml", "file", 0o600, 0, 0, text=netplan_text(variant)),
+        Edit("ROOTFS", "/etc/apt/sources.list", "file", 0o644, 0, 0, text=sources_list()),
+        Edit("ROOTFS", "/etc/pip.conf", "file", 0o644, 0, 0, text=f"[global]\nindex-url = {PIP_INDEX}\n"),
+    ]
+    edits += list(_payload_edits(payload_root))  # before the files: they may land in its folders
+    for path, text, mode, (uid, gid) in FILES:
+        if path.startswith("/data/"):
+            edits.append(Edit("DATA", path[len("/data") :], "file", mode, uid, gid, text=text))
+        else:
+            edits.append(Edit("ROOTFS", path, "file", mode, uid, gid, text=text))
+    return edits
+
+
+def _payload_edits(payload_root: Path) -> Iterator[Edit]:
+    """The payload tree (payload/data/... goes to DATA), parents before children."""
+    data = payload_root / "data"
+    for dirpath, dirnames, filenames in os.walk(data):
+        dirnames.sort()
+        here = Path(dirpath)
+        inner = "/" + here.relative_to(data).as_posix() if here != data else "/"
+        if here != data:
+            mode = stat.S_IMODE(here.stat().st_mode)
+            yield Edit("DATA", inner, "dir", mode, *LINARO)
+        for name in sorted(filenames):
+            p = here / name
+            if p.is_file() and not p.is_symlink():
+                path = inner.rstrip("/") + "/" + name
+                yield Edit("DATA", path, "file", stat.S_IMODE(p.stat().st_mode), *LINARO, src=p)

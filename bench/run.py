@@ -1,6 +1,7 @@
 """The benchmark: airbox-build against the vendor's way of repacking, on a realistic package.
 
-    python bench/run.py [--size small|full] [--repeat 3] [--keep] [--work DIR] [--profile]
+    python bench/run.py [--size small|full] [--repeat 3] [--baseline-repeat N] [--keep]
+                        [--work DIR] [--profile]
 
 1. Builds a vendor package with the real chunk size and real content (bench/bigpackage.py),
    and the app payload; kept between runs with --keep.

@@ -74,32 +74,19 @@ def same_tree(a: Path, b: Path) -> list[str]:
     return diff
 
 
-def mkimage_script(text: str, scr: Path, name: str | None = None) -> None:
+def mkimage_script(text: str | bytes, scr: Path, name: str | None = None, epoch: int | None = None) -> None:
+    """Compile a script with the real mkimage, as the vendor's packer does."""
     cmd = scr.with_suffix(".cmd")
-    cmd.write_text(text)
+    cmd.write_bytes(text.encode() if isinstance(text, str) else text)
+    env = dict(os.environ)
+    if epoch is not None:
+        env["SOURCE_DATE_EPOCH"] = str(epoch)
+    args = ["-A", "arm64", "-O", "linux", "-T", "script", "-C", "none", "-a", "0", "-e", "0"]
     subprocess.run(
-        [
-            "mkimage",
-            "-A",
-            "arm64",
-            "-O",
-            "linux",
-            "-T",
-            "script",
-            "-C",
-            "none",
-            "-a",
-            "0",
-            "-e",
-            "0",
-            "-n",
-            name or scr.stem,
-            "-d",
-            str(cmd),
-            str(scr),
-        ],
+        ["mkimage", *args, "-n", name or scr.stem, "-d", str(cmd), str(scr)],
         check=True,
         capture_output=True,
+        env=env,
     )
 
 

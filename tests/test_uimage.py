@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from buildhelp import mkimage_script
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -15,34 +16,8 @@ from builder.package.uimage import decode_script, encode_script
 
 
 def mkimage(tmp_path: Path, text: bytes, name: str) -> bytes:
-    cmd = tmp_path / "x.cmd"
     scr = tmp_path / "x.scr"
-    cmd.write_bytes(text)
-    subprocess.run(
-        [
-            "mkimage",
-            "-A",
-            "arm64",
-            "-O",
-            "linux",
-            "-T",
-            "script",
-            "-C",
-            "none",
-            "-a",
-            "0",
-            "-e",
-            "0",
-            "-n",
-            name,
-            "-d",
-            str(cmd),
-            str(scr),
-        ],
-        check=True,
-        capture_output=True,
-        env={"SOURCE_DATE_EPOCH": "1717660800", "PATH": "/usr/bin:/bin"},
-    )
+    mkimage_script(text, scr, name, epoch=1717660800)
     return scr.read_bytes()
 
 

@@ -93,5 +93,5 @@ def write_sha256sums(
     todo = [p for p in paths if p not in known]
     with worker_pool(max(1, min(os.cpu_count() or 1, 8))) as pool:
         fresh = dict(zip(todo, pool.map(file_digest, todo), strict=True))
-    lines = sorted(f"{known.get(p) or fresh[p]}  {p.relative_to(base).as_posix()}\n" for p in paths)
-    dest.write_text("".join(sorted(lines, key=lambda ln: ln[66:])))
+    lines = [f"{known.get(p) or fresh[p]}  {p.relative_to(base).as_posix()}\n" for p in paths]
+    dest.write_text("".join(sorted(lines, key=lambda ln: ln[66:])))  # by path

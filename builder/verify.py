@@ -242,7 +242,8 @@ def _check_and_simulate(
         fd = os.open(simulate, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         os.ftruncate(fd, plan.table.disk_kb * 1024)
 
-    def one(i: int) -> None:
+    def one(i: int) -> int | None:
+        """Check (and play) one write; its uncompressed size, or None when it cannot be read."""
         w = writes[i]
         base = w.chunk.offset_sectors * SECTOR
         wants = ram.wants(i)
@@ -260,19 +261,21 @@ def _check_and_simulate(
         except (PackageError, isal_zlib.error, OSError) as e:
             msg = e.message if isinstance(e, PackageError) else str(e)
             report.fail(w.chunk.file, f"cannot decompress: {msg}")
-            return
-        report.chunks_checked += 1
-        report.bytes_checked += n
+            return None
         if w.chunk.unzip_bytes is not None and n != w.chunk.unzip_bytes:
             report.fail(
                 w.chunk.file,
                 f"holds {n} bytes uncompressed but {w.script} line {w.chunk.unzip_line} "
                 f"unzips 0x{w.chunk.unzip_bytes:08x} ({w.chunk.unzip_bytes}) bytes",
             )
+        return n
 
     try:
         with worker_pool(workers or default_workers()) as pool:
-            list(pool.map(one, range(len(writes))))
+            sizes = [n for n in pool.map(one, range(len(writes))) if n is not None]
+        # counted here, in one thread: `+=` from the workers would race
+        report.chunks_checked += len(sizes)
+        report.bytes_checked += sum(sizes)
         if fd is not None:
             for j in ram.tails:
                 w = writes[j]

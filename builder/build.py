@@ -18,6 +18,7 @@ from builder.emit import Artifact, emit_artifacts
 from builder.errors import BuildError
 from builder.events import Reporter
 from builder.fetch import FetchOptions, fetch
+from builder.imagecache import ImageCache
 from builder.inputs import InputSpec
 from builder.manifest import write_sha256sums
 from builder.outdir import RESULT, build_slot, replace_dir
@@ -26,6 +27,7 @@ from builder.package.flashplan import FlashPlan, read_flash_plan
 from builder.package.layout import LayoutChange, apply_layout
 from builder.package.source import open_package
 from builder.preflight import check_card_chunks, check_package_files, preflight_build
+from builder.previous import EarlierPartition, PreviousBuild, load_previous
 from builder.recipe import Recipe, iter_inputs
 from builder.redact import redact_data
 from builder.repack import ImageEdit, RepackResult, apply_edits, repack
@@ -44,6 +46,7 @@ class BuildOptions:
     epoch: int | None = None  # SOURCE_DATE_EPOCH, when set
     image: bool | None = None  # also write <name>.img; None: as the recipe's output.image says
     zip: bool | None = None  # also write <name>.zip; None: as the recipe's output.zip says
+    image_cache: bool = True  # keep joined vendor partitions in the cache (builder.imagecache)
 
 
 @dataclass(frozen=True)
@@ -95,14 +98,29 @@ def build(
             epoch = opts.epoch if opts.epoch is not None else plan.headers["boot.scr"].timestamp
             layout = _plan_layout(recipe, plan, reporter)
             limits = {p.label: p.size_bytes for p in layout.table.partitions} if layout else None
-            cust = Customiser(recipe, plan, files, work, epoch, reporter, workers=opts.workers, limits=limits)
+            images_root = opts.fetch.cache_dir / "images" if opts.image_cache else None
+            image_cache = ImageCache(images_root, workers=opts.workers)
+            cleanup.callback(image_cache.close)
+            previous = load_previous(final)  # what the last bundle of this recipe offers
+            cust = Customiser(
+                recipe,
+                plan,
+                files,
+                work,
+                epoch,
+                reporter,
+                workers=opts.workers,
+                limits=limits,
+                image_cache=image_cache,
+                previous=previous,
+            )
             cust.fetch_opts = opts.fetch
             cleanup.callback(cust.close)
             if recipe.apps:
                 with reporter.step("app budget"):
                     check_app_budget(cust, opts.fetch)
             cust.fetched.update(_fetch_inputs(recipe, opts, reporter))
-            images: dict[str, JoinedImage] = {}
+            images: dict[str, JoinedImage | EarlierPartition] = {}
             if needs_customising(cust):
                 with reporter.step("customise"):
                     customise(cust)
@@ -110,7 +128,7 @@ def build(
             if extra_edits:
                 images.update(apply_edits(files, plan, work, extra_edits, opts.workers))
             with reporter.step("repack"):
-                repacked = _repack(files, plan, card, images, opts, reporter, layout, previous=final)
+                repacked = _repack(files, plan, card, images, opts, reporter, layout, previous=previous)
                 check_card_chunks(card, _card_chunks(repacked))
         artifacts = emit_artifacts(
             card,
@@ -176,13 +194,13 @@ def _repack(
     files: Any,
     plan: FlashPlan,
     card: Path,
-    images: Mapping[str, JoinedImage],
+    images: Mapping[str, JoinedImage | EarlierPartition],
     opts: BuildOptions,
     reporter: Reporter,
     layout: LayoutChange | None,
-    previous: Path | None = None,
+    previous: PreviousBuild | None = None,
 ) -> RepackResult:
-    total = sum(j.path.stat().st_size for j in images.values())
+    total = sum(j.path.stat().st_size for j in images.values() if isinstance(j, JoinedImage))
     with reporter.progress("repack", max(total, 1)) as advance:
         return repack(
             files,
@@ -194,7 +212,7 @@ def _repack(
             epoch=opts.epoch,
             layout=layout,
             progress=lambda _label, n, _total: advance(n),
-            previous=previous,  # the last bundle: chunks it compressed are linked, not redone
+            previous=previous,  # the last bundle: what it compressed is linked, not redone
         )
 
 

@@ -7,7 +7,6 @@ the vendor's .gz, and its script is regenerated only if its chunk list changed.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import threading
@@ -22,9 +21,8 @@ from builder.manifest import MD5_NAME, file_digest, render_md5
 from builder.package.chunks import (
     GZIP_WBITS,
     ChunkPool,
-    EarlierFile,
-    FileStat,
     JoinedImage,
+    chunk_name_pattern,
     copy_vendor,
     default_workers,
     file_stat,
@@ -37,6 +35,7 @@ from builder.package.layout import LayoutChange, encode_gpt, gpt_from_table, rew
 from builder.package.scripts import NewChunk, regenerate
 from builder.package.uimage import encode_script
 from builder.pool import worker_pool
+from builder.previous import EarlierPartition, PreviousBuild
 
 log = logging.getLogger("airbox-build")
 
@@ -60,6 +59,8 @@ class PartitionResult:
     bytes_pooled: int = 0
     # for a changed partition, each chunk: file, bytes, sha256 (uncompressed), gz_bytes, source
     chunks: list[dict[str, object]] = field(default_factory=list)
+    fingerprint: str | None = None  # of the edits that made it (builder.previous.edit_fingerprint)
+    same_edits_as_earlier: bool = False  # its chunks were taken from the last build, nothing applied
 
 
 @dataclass
@@ -101,31 +102,35 @@ def repack(
     files: FileSet,
     plan: FlashPlan,
     card: Path,
-    images: Mapping[str, JoinedImage],
+    images: Mapping[str, JoinedImage | EarlierPartition],
     *,
     level: int,
     workers: int | None = None,
     epoch: int | None = None,
     layout: LayoutChange | None = None,
     progress: Callable[[str, int, int], None] | None = None,
-    previous: Path | None = None,
+    previous: PreviousBuild | None = None,
 ) -> RepackResult:
     """Write the customised file set into `card` (an empty folder).
 
     With a layout change, the XML and gpt.gz are rewritten and every partition whose first
     sector moved gets its script regenerated (its chunks are kept byte for byte).
-    `previous` is an earlier bundle of the same recipe (output/<name>): chunks it already
-    compressed are linked from it instead of compressed again (see load_pool).
+    `previous` is what the last bundle of the same recipe offers (builder.previous): chunks it
+    already compressed are linked from it instead of compressed again. An EarlierPartition in
+    `images` (the same edits as that build) takes its chunks as they are.
     """
     result = RepackResult()
-    pool = load_pool(previous) if previous is not None else None
+    pool = previous.pool if previous is not None else None
     replaced: set[str] = set()  # vendor names we do not copy verbatim
     table = layout.table if layout is not None else plan.table
     placement = {p.label.upper(): (p.offset_sectors, p.size_sectors * SECTOR) for p in table.partitions}
     for part in plan.partitions:
         offset, limit = placement[part.label.upper()]
         joined = next((j for label, j in images.items() if label.upper() == part.label.upper()), None)
-        if joined is not None:
+        if isinstance(joined, EarlierPartition):
+            pr, new_list = _relink_partition(files, part, joined, card, offset, workers, pool)
+            replaced.update(c.file for c in part.chunks)
+        elif joined is not None:
             pr, new_list = _rebuild_partition(
                 files, plan, part, joined, card, offset, limit, level, workers, progress, pool
             )
@@ -248,6 +253,7 @@ def _rebuild_partition(
         image_bytes_after=new_size,
         pooled=len(pooled),
         bytes_pooled=sum(p.chunk.unzip_bytes for p in pooled),
+        fingerprint=joined.fingerprint,
         chunks=[
             {
                 "file": p.chunk.file,
@@ -263,64 +269,69 @@ def _rebuild_partition(
     return result, [p.chunk for p in packed]
 
 
+def _relink_partition(
+    files: FileSet,
+    part: PartitionFlash,
+    earlier: EarlierPartition,
+    card: Path,
+    offset: int,
+    workers: int | None,
+    pool: ChunkPool | None,
+) -> tuple[PartitionResult, list[NewChunk]]:
+    """The chunks of a partition the last build edited in exactly the same way, taken from it."""
+    stem = chunk_name_pattern(part)
+    total = len(earlier.chunks)
+    lengths = [int(c["bytes"]) for c in earlier.chunks]
+    starts = [sum(lengths[:k]) for k in range(total)]
+
+    def one(k: int) -> dict[str, object]:
+        c = earlier.chunks[k]
+        length, digest = lengths[k], str(c["sha256"])
+        dest = card / f"{stem}.{k + 1}-of-{total}.gz"
+        vendor = c.get("vendor_file") if c.get("source") == "vendor" else None
+        if vendor:
+            copy_vendor(files, str(vendor), dest, pool)
+        elif pool is None or not pool.place_earlier(length, digest, dest):
+            raise BuildError(
+                f"partition {part.label}: {c['file']} of the last build went missing during this build",
+                hint="run the build again (it then applies the edits itself)",
+            )
+        return {
+            "file": dest.name,
+            "bytes": length,
+            "sha256": digest,
+            "gz_bytes": dest.stat().st_size,
+            "source": "vendor" if vendor else "earlier build",
+            "vendor_file": vendor,
+        }
+
+    with worker_pool(workers or default_workers()) as executor:
+        entries = list(executor.map(one, range(total)))
+    new_list = [
+        NewChunk(str(e["file"]), lengths[k], offset + starts[k] // SECTOR, -(-lengths[k] // SECTOR))
+        for k, e in enumerate(entries)
+    ]
+    pooled = [k for k, e in enumerate(entries) if e["source"] == "earlier build"]
+    result = PartitionResult(
+        label=part.label,
+        changed=True,
+        chunks_before=len(part.chunks),
+        chunks_after=total,
+        reused=total - len(pooled),
+        image_bytes_before=part.image_bytes,
+        image_bytes_after=earlier.image_bytes,
+        pooled=len(pooled),
+        bytes_pooled=sum(lengths[k] for k in pooled),
+        chunks=entries,
+        fingerprint=earlier.fingerprint,
+        same_edits_as_earlier=True,
+    )
+    return result, new_list
+
+
 def _remove_in_background(path: Path) -> None:
     """Freeing a multi-GB image keeps the file system busy for a second: let it, meanwhile go on."""
     threading.Thread(target=path.unlink, kwargs={"missing_ok": True}, name=f"rm {path.name}").start()
-
-
-REPORT_NAME = "build-report.json"
-SUMS_NAME = "SHA256SUMS"
-
-
-def load_pool(bundle: Path) -> ChunkPool:
-    """The chunks an earlier bundle (output/<name>/: card/ + build-report.json) holds, by content.
-
-    Only chunks its report lists with their uncompressed sha256 (changed partitions) are
-    offered, and each only while its file keeps the size the report gives. A missing or
-    unreadable report is no error: nothing is reused.
-    """
-    pool = ChunkPool()
-    try:
-        report = json.loads((bundle / REPORT_NAME).read_text())
-        sums = _read_sha256sums(bundle / SUMS_NAME)
-        for part in report.get("partitions", []):
-            for c in part.get("chunks", []) or []:
-                name = str(c["file"])
-                earlier = EarlierFile(
-                    bundle / "card" / name,
-                    _stat_tuple(c.get("out_stat")),
-                    md5=c.get("md5"),
-                    sha256=sums.get(f"card/{name}"),
-                    gz_bytes=c.get("gz_bytes"),
-                )
-                if c.get("sha256") and earlier.gz_bytes is not None:
-                    pool.add(int(c["bytes"]), str(c["sha256"]), earlier)
-                vstat = _stat_tuple(c.get("vendor_stat"))
-                if c.get("vendor_file") and vstat is not None and earlier.out_stat is not None:
-                    pool.add_copy(str(c["vendor_file"]), vstat, earlier)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        log.debug("no reusable chunks in %s", bundle)
-    return pool
-
-
-def _read_sha256sums(path: Path) -> dict[str, str]:
-    """`sha256sum` lines of an earlier bundle: relative path -> digest (empty when absent)."""
-    out: dict[str, str] = {}
-    try:
-        text = path.read_text()
-    except OSError:
-        return out
-    for line in text.splitlines():
-        digest, sep, name = line.partition("  ")
-        if sep and len(digest) == 64:
-            out[name] = digest
-    return out
-
-
-def _stat_tuple(value: object) -> FileStat | None:
-    if isinstance(value, list) and len(value) == 3 and all(isinstance(v, int) for v in value):
-        return (value[0], value[1], value[2])
-    return None
 
 
 def _note_outputs(files: FileSet, card: Path, result: RepackResult, md5s: Mapping[str, str]) -> None:

@@ -11,15 +11,18 @@ import difflib
 import hashlib
 import posixpath
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from builder.errors import BuildError, RecipeError
 from builder.events import Reporter
 from builder.fs.ext4 import EditBatch, Ext4Image, FileType, Inode
-from builder.package.chunks import JoinedImage, join_partition
+from builder.imagecache import BaseImage, ImageCache
+from builder.package.chunks import JoinedImage, default_workers
 from builder.package.flashplan import SECTOR, FileSet, FlashPlan, PartitionFlash
+from builder.pool import worker_pool
+from builder.previous import EarlierPartition, PreviousBuild, edit_fingerprint
 from builder.recipe import Owner, Recipe
 from builder.units import format_size
 
@@ -95,6 +98,8 @@ class Customiser:
         fetched: Mapping[Any, Path] | None = None,
         workers: int | None = None,
         limits: Mapping[str, int] | None = None,
+        image_cache: ImageCache | None = None,
+        previous: PreviousBuild | None = None,
     ) -> None:
         self.recipe = recipe
         self.plan = plan
@@ -105,8 +110,11 @@ class Customiser:
         self.fetched = dict(fetched or {})
         self.workers = workers
         self.limits = {k.upper(): v for k, v in (limits or {}).items()}  # partition label -> bytes
+        self.image_cache = image_cache or ImageCache(None, workers=workers)  # None: join into work
+        self.previous = previous  # the last bundle of this recipe: edits it already applied
         self.changes: list[Change] = []
-        self._joined: dict[str, JoinedImage] = {}
+        self._base: dict[str, BaseImage] = {}  # the vendor's images, read here and never edited
+        self._digests: dict[Path, str] = {}  # sha256 of host files the batches write
         self._images: dict[str, Ext4Image] = {}
         self._batches: dict[str, EditBatch] = {}
         self._pending: list[_Pending] = []
@@ -127,7 +135,8 @@ class Customiser:
         return any(p.label.upper() == label.upper() for p in self.plan.partitions)
 
     def image(self, label: str) -> Ext4Image:
-        """The partition's ext4 image, joined from its chunks on first use (read or edit)."""
+        """The partition's vendor ext4 image, to read (edits are recorded, and applied to a copy
+        in finish()); joined from its chunks on first use, or taken from the image cache."""
         part = self.partition(label)
         key = part.label.upper()
         if key not in self._images:
@@ -138,12 +147,14 @@ class Customiser:
                 )
             if not part.chunks:
                 raise BuildError(f"partition {part.label} has no image in the package to edit")
-            dest = self.work / f"{part.stem}.img"
-            with self.reporter.progress(f"join {part.label}", part.image_bytes) as advance:
-                self._joined[key] = join_partition(
-                    self.files, part, dest, workers=self.workers, progress=advance
-                )
-            self._images[key] = Ext4Image(dest, epoch=self.epoch)
+            base = self.image_cache.open(
+                self.files,
+                part,
+                self.work,
+                joining=lambda: self.reporter.progress(f"join {part.label}", part.image_bytes),
+            )
+            self._base[key] = base
+            self._images[key] = Ext4Image(base.path, epoch=self.epoch)
         return self._images[key]
 
     def batch(self, label: str) -> EditBatch:
@@ -400,7 +411,13 @@ class Customiser:
             for p in items:
                 data = p.data if p.data is not None else None
                 size = len(data) if data is not None else p.src.stat().st_size if p.src else 0
-                digest = hashlib.sha256(data).hexdigest() if data is not None else _file_sha256(p.src)
+                digest = (
+                    hashlib.sha256(data).hexdigest()
+                    if data is not None
+                    else self._digest(p.src)
+                    if p.src is not None
+                    else None
+                )
                 old = stats.get(p.inner)
                 ch = self._record(
                     label,
@@ -483,35 +500,66 @@ class Customiser:
         part = self.partition(label)
         return self.limits.get(part.label.upper(), part.size_sectors * SECTOR)
 
-    def finish(self, *, shrink: bool) -> dict[str, JoinedImage]:
-        """Apply every batch; return the edited images of the partitions that changed."""
+    def finish(self, *, shrink: bool) -> dict[str, JoinedImage | EarlierPartition]:
+        """Apply every batch to a work copy of its image; return what each changed partition is:
+        the edited image, or the last build's result of the very same edits (builder.previous)."""
         self._clear_overlay_shadows()
         self._check_budget()  # before hashing what is added: a too-big input fails at once
+        self._hash_sources()
         self._resolve_pending()
-        changed: dict[str, JoinedImage] = {}
+        changed: dict[str, JoinedImage | EarlierPartition] = {}
         for label, batch in sorted(self._batches.items()):
             if not len(batch):
                 continue
-            img = self._images[label]
-            need = batch.estimate()
+            base = self._base[label]
+            fp = edit_fingerprint(
+                batch,
+                base_key=base.key,
+                epoch=self.epoch,
+                limit=self.limit(label),
+                shrink=shrink,
+                digest=self._digest,
+            )
+            earlier = self.previous.same_edits(label, fp) if self.previous is not None else None
+            if earlier is not None:
+                self.reporter.info(
+                    f"{earlier.label}: the same edits as the last build ({len(batch)} operations): "
+                    "its chunks are reused"
+                )
+                changed[label] = earlier
+                continue
             with self.reporter.step(f"edit {label}", operations=len(batch)):
-                img.ensure_room(need, limit=self.limit(label), headroom=1 << 20)
+                joined = self.image_cache.writable(base, self.work / f"{self.partition(label).stem}.img")
+                img = Ext4Image(joined.path, epoch=self.epoch)
+                batch.retarget(img)
+                img.ensure_room(batch.estimate(), limit=self.limit(label), headroom=1 << 20)
                 batch.apply()
                 img.check()
                 if shrink:  # never below the vendor's own size: that would only move blocks
-                    img.shrink_to_min(floor_bytes=self._joined[label].size)
-            changed[label] = self._joined[label]
+                    img.shrink_to_min(floor_bytes=base.size)
+            changed[label] = replace(joined, fingerprint=fp)
         for fn in self.after_apply:
             fn()
         return changed
+
+    def _hash_sources(self) -> None:
+        """sha256 of every host file the batches write, side by side (for the report and the
+        edit fingerprints)."""
+        todo = sorted({p for b in self._batches.values() for p in b.sources()} - self._digests.keys())
+        with worker_pool(self.workers or default_workers()) as pool:
+            self._digests.update(zip(todo, pool.map(_file_sha256, todo), strict=True))
+
+    def _digest(self, path: Path) -> str:
+        if path not in self._digests:
+            self._digests[path] = _file_sha256(path)
+        return self._digests[path]
 
     def _check_budget(self) -> None:
         for label, batch in sorted(self._batches.items()):
             if not len(batch):
                 continue
-            img = self._images[label]
             need = batch.estimate()
-            info = img.info()
+            info = self._images[label].info()
             limit = self.limit(label)
             available = limit - info.size_bytes + info.free_bytes
             if need.bytes + (1 << 20) > available:
@@ -543,9 +591,7 @@ def _round_up_gib(n: int) -> str:
     return f"{-(-n // gib)}GiB"
 
 
-def _file_sha256(path: Path | None) -> str | None:
-    if path is None:
-        return None
+def _file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 20):

@@ -48,8 +48,11 @@ one; 1.46+ inserts into the index. Both are valid and e2fsck-clean.)
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import enum
 import errno
+import hashlib
+import json
 import logging
 import math
 import os
@@ -1398,6 +1401,43 @@ class EditBatch:
                         hint="remove it from the tree to copy",
                     )
         return self
+
+    # -- identity ---------------------------------------------------------------------------
+
+    def sources(self) -> list[Path]:
+        """The host files whose bytes the batch puts into the image (contents and xattr values)."""
+        return [
+            op.src if isinstance(op, _Write) else op.value_file
+            for op in self._ops
+            if isinstance(op, (_Write, _SetXattr))
+        ]
+
+    def fingerprint(self, digest: Callable[[Path], str]) -> str:
+        """What the batch does, by content: the same operations in the same order with the same
+        bytes (`digest` of each host file) give the same value, wherever those files are."""
+        h = hashlib.sha256()
+        for op in self._ops:
+            record: list[object] = [type(op).__name__]
+            for f in dataclasses.fields(op):
+                v = getattr(op, f.name)
+                if f.name == "parts":
+                    v = b"/".join(v).hex()
+                elif isinstance(v, Path):
+                    v = digest(v)
+                elif isinstance(v, bytes):
+                    v = v.hex()
+                elif isinstance(v, enum.Enum):
+                    v = v.value
+                record.append(v)
+            h.update(json.dumps(record).encode())
+            h.update(b"\n")
+        return h.hexdigest()
+
+    def retarget(self, image: Ext4Image) -> None:
+        """Apply to `image` instead (a work copy of the image the batch was recorded against)."""
+        if self._applied:
+            raise BuildError("this edit batch was already applied")
+        self.image = image
 
     # -- planning and applying -------------------------------------------------------------
 

@@ -38,7 +38,8 @@ def default_workers() -> int:
 class JoinedImage:
     path: Path
     size: int
-    chunk_digests: tuple[str, ...]  # sha256 of each chunk's uncompressed bytes
+    chunk_digests: tuple[str, ...]  # sha256 of each vendor chunk's uncompressed bytes
+    fingerprint: str | None = None  # of the edits applied to it (builder.previous), when known
 
 
 def _decompress_chunk(

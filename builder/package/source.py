@@ -210,6 +210,15 @@ class PackageSource:
     def describe(self) -> str:
         return f"{self.form} {self.origin}" + (f", {self.location}" if self.location else "")
 
+    def member_identity(self, name: str) -> list[object]:
+        """What names these very bytes of a member, without reading them: the input file's
+        path, size, mtime and inode (an archive or card image is read, never changed, by us),
+        and the member's place in it. Like make or rsync, a file rewritten with its old size and
+        mtime goes unnoticed; `verify` reads every byte."""
+        st = os.stat(self.origin)
+        return [self.form, str(self.origin.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev,
+                self.location, name, self._sizes[self._check(name)]]
+
     def close(self) -> None:
         """Release open handles; scratch files in the work dir are kept for reuse."""
 
@@ -246,6 +255,13 @@ class DirSource(PackageSource):
 
     def local_path(self, name: str) -> Path:
         return self.set_dir / self._check(name)
+
+    def member_identity(self, name: str) -> list[object]:
+        if self.form != "dir":  # our own extraction of a tarball: fresh each build, the tarball is not
+            return super().member_identity(name)
+        path = self.set_dir / self._check(name)
+        st = os.stat(path)
+        return ["dir", str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
 
     def copy_to(self, name: str, dest: Path, *, link: bool = True) -> None:
         """Reflink when the filesystem can, else hardlink (`link=True`), else copy.

@@ -250,6 +250,12 @@ def _fetch_event(reporter: Any, ev: dict[str, Any]) -> None:
     default=None,
     help="Also write OUTPUT/<name>/<name>.zip of the card folder (default: recipe output.zip).",
 )
+@click.option(
+    "--image-cache/--no-image-cache",
+    default=True,
+    show_default=True,
+    help="Keep the joined vendor partitions in the cache (CACHE/images) for the next build.",
+)
 @fetch_options
 @click.pass_context
 @guarded
@@ -260,6 +266,7 @@ def build(
     jobs: int | None,
     image: bool | None,
     zip_: bool | None,
+    image_cache: bool,
     cache_dir: Path | None,
     offline: bool,
     input_dirs: tuple[Path, ...],
@@ -278,7 +285,13 @@ def build(
 
     fopts = make_fetch_options(r, cache_dir, offline, input_dirs, mirrors, locked, reporter)
     opts = BuildOptions(
-        output_dir=output_dir, fetch=fopts, workers=jobs, epoch=source_date_epoch(), image=image, zip=zip_
+        output_dir=output_dir,
+        fetch=fopts,
+        workers=jobs,
+        epoch=source_date_epoch(),
+        image=image,
+        zip=zip_,
+        image_cache=image_cache,
     )
     result = run_build(r, opts, reporter)
     changed = [p for p in result.report["partitions"] if p["changed"]]
@@ -288,9 +301,11 @@ def build(
     )
     for p in changed:
         summary += (
-            f"\n  {p['label']}: {p['chunks_after']} chunks, {p['reused']} reused, "
-            f"{p['recompressed']} recompressed"
+            f"\n  {p['label']}: {p['chunks_after']} chunks: {p['reused']} the vendor's, "
+            f"{p.get('pooled', 0)} from the last build, {p['recompressed']} compressed"
         )
+        if p.get("same_edits_as_earlier"):
+            summary += " (the same edits as the last build: nothing applied)"
     for a in result.artifacts:
         summary += f"\n  {a.kind}: {result.out_dir / a.name} ({a.size:,} bytes)"
     reporter.event(
@@ -469,10 +484,27 @@ def _cache_dir_option(f: Callable[..., Any]) -> Callable[..., Any]:
 def cache_list_cmd(ctx: click.Context, cache_dir: Path | None) -> None:
     """List cached inputs: size, sha256, last use, URLs."""
     from builder.cache import cache_list, default_cache_dir
+    from builder.imagecache import image_entries
     from builder.redact import redact_url
 
-    entries = cache_list(cache_dir or default_cache_dir())
+    root = cache_dir or default_cache_dir()
+    entries = cache_list(root)
+    images = image_entries(root)
     if (ctx.find_root().obj or {}).get("json"):
+        for i in images:
+            click.echo(
+                json.dumps(
+                    {
+                        "event": "cache-image",
+                        "path": str(i.path),
+                        "partition": i.label,
+                        "size": i.size,
+                        "disk_bytes": i.disk_bytes,
+                        "last_used": i.last_used,
+                    },
+                    sort_keys=True,
+                )
+            )
         for e in entries:
             click.echo(
                 json.dumps(
@@ -496,7 +528,10 @@ def cache_list_cmd(ctx: click.Context, cache_dir: Path | None) -> None:
         state = "partial " if e.partial else ""
         urls = " ".join(map(redact_url, e.urls))
         click.echo(f"{state}{e.size:>14,}  {(e.sha256 or '-')[:16]}  {e.last_used}  {urls}")
-    click.echo(f"{len(entries)} entries, {total:,} bytes in {cache_dir or default_cache_dir()}")
+    for i in images:
+        total += i.disk_bytes
+        click.echo(f"image {i.disk_bytes:>14,}  {i.path.stem[:16]}  {i.last_used}  joined {i.label}")
+    click.echo(f"{len(entries) + len(images)} entries, {total:,} bytes in {root}")
 
 
 def parse_age(text: str) -> Any:
@@ -516,11 +551,17 @@ def parse_age(text: str) -> Any:
 @click.pass_context
 @guarded
 def cache_prune_cmd(ctx: click.Context, cache_dir: Path | None, older_than: str | None) -> None:
-    """Delete cached inputs (all, or those unused for --older-than)."""
-    from builder.cache import cache_prune, default_cache_dir
+    """Delete cached inputs and joined images (all, or those unused for --older-than)."""
+    import time
 
-    res = cache_prune(cache_dir or default_cache_dir(), parse_age(older_than) if older_than else None)
-    click.echo(f"removed {res.files} files, {res.bytes:,} bytes")
+    from builder.cache import cache_prune, default_cache_dir
+    from builder.imagecache import prune_images
+
+    root = cache_dir or default_cache_dir()
+    age = parse_age(older_than) if older_than else None
+    res = cache_prune(root, age)
+    files, freed = prune_images(root, time.time() - age.total_seconds() if age is not None else None)
+    click.echo(f"removed {res.files + files} files, {res.bytes + freed:,} bytes")
 
 
 register_card_commands(main, guarded, _reporter)

@@ -190,6 +190,9 @@ class ImageCache:
                 "size": joined.size,
                 "chunk_digests": list(joined.chunk_digests),
                 "chunks": [c.file for c in part.chunks],
+                "chunk_ranges": [  # byte offset and length of each chunk in the image
+                    [(c.offset_sectors - part.offset_sectors) * SECTOR, c.unzip_bytes] for c in part.chunks
+                ],
                 "package": files.describe(),
                 "created": now,
                 "last_used": now,

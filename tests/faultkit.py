@@ -31,6 +31,7 @@ import yaml
 from buildhelp import REPO
 
 from builder.cache import cache_list
+from builder.imagecache import image_entries
 
 DEMO_APP = REPO / "recipes" / "demo" / "app"
 NAME = "rich"
@@ -275,6 +276,13 @@ def cache_problems(cache: Path) -> list[str]:
             problems.append(f"{entry.path}: sha256 {digest}")
         if entry.path.stat().st_size != entry.size:
             problems.append(f"{entry.path}: {entry.path.stat().st_size} bytes, metadata says {entry.size}")
+    for image in image_entries(cache):  # a joined vendor image: its bytes are the chunks' it lists
+        meta = json.loads(image.path.with_suffix(".json").read_text())
+        with open(image.path, "rb") as f:
+            for (offset, length), digest in zip(meta["chunk_ranges"], meta["chunk_digests"], strict=True):
+                f.seek(offset)
+                if hashlib.sha256(f.read(length)).hexdigest() != digest:
+                    problems.append(f"{image.path}: bytes {offset}+{length} are not the chunk it lists")
     for index in sorted((cache / "md5").glob("*/*")):
         target = cache / "sha256" / index.read_text().strip()[:2] / index.read_text().strip()
         if target.exists() and hashlib.md5(target.read_bytes()).hexdigest() != index.name:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 from faultkit import (
     BLOB,
     NAME,
@@ -75,6 +76,14 @@ def world(shared_vendor_form, tmp_path_factory: pytest.TempPathFactory):  # type
         blob_url = server.url("/files/blob.bin")
         recipe = write_rich_recipe(root / "recipe", base, blob_url)
         earlier = write_rich_recipe(root / "earlier", base, blob_url, hostname="airbox-earlier")
+        # the earlier bundle differs in every partition, so the build under test edits each one
+        # (a partition edited as in the last build is taken from it: see test_incremental)
+        doc = yaml.safe_load(earlier.read_text())
+        doc["files"] += [
+            {"path": "/data/earlier.txt", "content": "an earlier build\n"},
+            {"path": "/etc/profile.d/earlier.sh", "content": "export EARLIER=1\n", "layer": "overlay"},
+        ]
+        earlier.write_text(yaml.safe_dump(doc, sort_keys=False))
         env = cli_env(root / "tmp")
         ref = run_cli(build_args(recipe, root / "ref-out", root / "ref-cache"), env)
         assert ref.returncode == 0, ref.stderr
@@ -89,8 +98,8 @@ def world(shared_vendor_form, tmp_path_factory: pytest.TempPathFactory):  # type
 def _prepare(world: World, tmp: Path, *, warm: bool) -> tuple[Path, Path]:
     out, cache = tmp / "out", tmp / "cache"
     shutil.copytree(world.earlier_out, out, symlinks=True)
-    if warm:
-        shutil.copytree(world.warm_cache, cache, symlinks=True)
+    if warm:  # every download, but no joined images: the build under test joins them
+        shutil.copytree(world.warm_cache, cache, symlinks=True, ignore=shutil.ignore_patterns("images"))
     return out, cache
 
 

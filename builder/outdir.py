@@ -201,7 +201,8 @@ def disk_full_error(e: BaseException, tmp: Path, places: Sequence[Path]) -> Buil
         where=str(place),
         hint="free some space there, or build on a bigger disk: -o DIR moves the bundle and its "
         "work files (the changed partitions' images, as big as the partitions), --cache-dir DIR "
-        "the downloads. Nothing was left behind; the previous bundle (if any) is unchanged",
+        "the downloads and joined images (--no-image-cache keeps none). Nothing was left behind; "
+        "the previous bundle (if any) is unchanged",
     )
 
 

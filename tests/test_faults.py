@@ -517,6 +517,29 @@ def test_full_disk_at_every_stage(world: World, tmp_path: Path, small_disk, vari
     assert len(failed_in) >= 2, outcomes
 
 
+def test_cache_disk_full_while_joining_names_the_cache(world: World, tmp_path: Path, small_disk) -> None:  # type: ignore[no-untyped-def]
+    """Room for the downloads, not for the joined images: the error names the cache's disk and
+    how to do without; no half-joined image is left or looks complete."""
+    files = [p for p in world.warm_cache.rglob("*") if p.is_file()]
+    images = sum(p.stat().st_blocks * 512 for p in files if p.parent.name == "images")
+    downloads = sum(p.stat().st_blocks * 512 for p in files) - images
+    assert images > 1 << 20
+    disk = small_disk(downloads + images // 2)
+    shutil.copytree(world.warm_cache, disk / "cache", symlinks=True, ignore=shutil.ignore_patterns("images"))
+    out = tmp_path / "out"
+    run = run_cli(build_args(world.recipe, out, disk / "cache"), cli_env(tmp_path / "tmp"))
+    assert run.returncode == 1, run.stderr
+    error, hint = _one_screen(run.stderr)
+    assert error.startswith(f"error: {disk / 'cache'}: no space left on this disk"), error
+    assert "--no-image-cache" in hint
+    assert cache_problems(disk / "cache") == []
+    assert not list((disk / "cache" / "images").glob("*.partial-*"))
+    assert temp_leftovers(out) == [] and not (out / NAME).exists()
+    ok = run_cli(build_args(world.recipe, out, disk / "cache", "--no-image-cache"), cli_env(tmp_path / "tmp"))
+    assert ok.returncode == 0, ok.stderr
+    assert compare_bundles(out / NAME, world.reference) == []
+
+
 def test_full_cache_disk_names_the_cache(world: World, tmp_path: Path, small_disk) -> None:  # type: ignore[no-untyped-def]
     """The download cache is on the full disk: the error names it; nothing in it looks complete."""
     disk = small_disk(world.base_bytes // 2)

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import vendor_fixture as vf
@@ -225,3 +226,67 @@ def test_cache_list_and_prune_cover_images(vendor_package: vf.MiniPackage, tmp_p
     gone = cli("cache", "prune", "--cache-dir", cache)
     assert gone.returncode == 0 and image_entries(cache) == []
     shutil.rmtree(tmp_path / "out")
+
+
+def test_two_builds_at_once_join_each_image_once(vendor_package: vf.MiniPackage, tmp_path: Path) -> None:
+    payload = _payload(tmp_path)
+    cache = tmp_path / "cache"
+    recipes = [
+        write_recipe(
+            tmp_path / n,
+            vendor_package.dir,
+            name=n,
+            network=_netplan(a),
+            files=[{"path": "/data/payload", "source": str(payload)}],
+        )
+        for n, a in (("one", "10.0.0.1/24"), ("two", "10.0.0.2/24"))
+    ]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "builder.cli",
+                "--quiet",
+                "build",
+                r,
+                "-o",
+                tmp_path / "out",
+                "--cache-dir",
+                cache,
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in recipes
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    labels = [e.label for e in image_entries(cache)]
+    assert sorted(labels) == sorted(set(labels)) and "ROOTFS" in labels
+    for r in recipes:
+        name = r.stem
+        scratch = run_build(
+            r, tmp_path / "scratch" / name, tmp_path / "scratch-cache" / name, image_cache=False
+        )
+        _same_bundle(tmp_path / "out" / name, scratch.out_dir)
+
+
+def test_prune_leaves_an_image_a_build_is_reading(vendor_package: vf.MiniPackage, tmp_path: Path) -> None:
+    from builder.imagecache import ImageCache, prune_images
+    from builder.package.flashplan import read_flash_plan
+    from builder.package.source import open_package
+
+    cache = tmp_path / "cache"
+    images = ImageCache(cache / "images", workers=2)
+    with open_package(vendor_package.dir, tmp_path / "src") as files:
+        part = read_flash_plan(files).partition("ROOTFS")
+        base = images.open(files, part, tmp_path)
+        again = images.open(files, part, tmp_path)  # a hit: the same file, not joined again
+    assert again.path == base.path and base.cached
+    assert prune_images(cache, None) == (0, 0)
+    assert base.path.exists()
+    images.close()
+    files_removed, freed = prune_images(cache, None)
+    assert files_removed == 1 and freed > 0 and not base.path.exists()

@@ -14,6 +14,7 @@ from builder import __version__
 from builder.customise import customise, needs_customising
 from builder.customise.apps import app_report, check_app_budget
 from builder.customise.context import Customiser
+from builder.digestmemo import DigestMemo, memo_file
 from builder.emit import Artifact, emit_artifacts
 from builder.errors import BuildError
 from builder.events import Reporter
@@ -102,6 +103,7 @@ def build(
             image_cache = ImageCache(images_root, workers=opts.workers)
             cleanup.callback(image_cache.close)
             previous = load_previous(final)  # what the last bundle of this recipe offers
+            digest_memo = DigestMemo(memo_file(opts.fetch.cache_dir, recipe.path), fresh_under=[tmp])
             cust = Customiser(
                 recipe,
                 plan,
@@ -113,6 +115,7 @@ def build(
                 limits=limits,
                 image_cache=image_cache,
                 previous=previous,
+                digest_memo=digest_memo,
             )
             cust.fetch_opts = opts.fetch
             cleanup.callback(cust.close)
@@ -125,6 +128,7 @@ def build(
                 with reporter.step("customise"):
                     customise(cust)
                     images.update(cust.finish(shrink=recipe.output.shrink))
+                    digest_memo.save()
             if extra_edits:
                 images.update(apply_edits(files, plan, work, extra_edits, opts.workers))
             with reporter.step("repack"):

@@ -88,12 +88,15 @@ def _mask_param(m: re.Match[str]) -> str:
 
 def redact_data(value: Any) -> Any:
     """A copy of a JSON-like value (dicts, lists, strings) with every string redacted."""
+    kind = type(value)  # exact types first: a build report has hundreds of thousands of values
+    if kind is str:
+        return redact_text(value)
+    if kind is dict or isinstance(value, Mapping):
+        return {k: redact_data(v) for k, v in value.items()}
+    if kind is list or isinstance(value, (list, tuple)):
+        return [redact_data(v) for v in value]
     if isinstance(value, str):
         return redact_text(value)
-    if isinstance(value, Mapping):
-        return {k: redact_data(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [redact_data(v) for v in value]
     return value
 
 

@@ -290,3 +290,30 @@ def test_prune_leaves_an_image_a_build_is_reading(vendor_package: vf.MiniPackage
     images.close()
     files_removed, freed = prune_images(cache, None)
     assert files_removed == 1 and freed > 0 and not base.path.exists()
+
+
+def test_source_digests_are_remembered_while_files_are_unchanged(tmp_path: Path) -> None:
+    from builder.digestmemo import DigestMemo, file_sha256
+
+    memo_path = tmp_path / "memo.json"
+    staged = tmp_path / "build-tmp"
+    staged.mkdir()
+    files = [_payload(tmp_path, n, 64 << 10) for n in range(4)]
+    fresh = staged / "rendered"
+    fresh.write_text("rendered template\n")
+    first = DigestMemo(memo_path, fresh_under=[staged])
+    got = first.digests([*files, fresh], 2)
+    assert got == {p: file_sha256(p) for p in [*files, fresh]} and first.hashed == 5
+    first.save()
+
+    second = DigestMemo(memo_path, fresh_under=[staged])
+    assert second.digests([*files, fresh], 2) == got
+    assert second.hashed == 1  # only the file in the build's temp folder
+    second.save()
+
+    st = files[0].stat()
+    files[0].write_bytes(hashlib.sha256(b"x").digest() * (st.st_size // 32))  # same size
+    os.utime(files[0], ns=(st.st_atime_ns, st.st_mtime_ns))  # same mtime: the ctime tells
+    third = DigestMemo(memo_path, fresh_under=[staged])
+    again = third.digests(files, 2)
+    assert third.hashed == 1 and again[files[0]] == file_sha256(files[0]) != got[files[0]]

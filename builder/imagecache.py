@@ -22,12 +22,14 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from builder.cache import file_lock, read_json, try_file_lock, write_json_atomic
+from builder.errors import BuildError
+from builder.fs.ext4 import Ext4Image
 from builder.package.chunks import JoinedImage, Progress, default_workers, join_partition, pwrite_all
 from builder.package.flashplan import SECTOR, PartitionFlash
 from builder.package.source import PackageSource
@@ -55,6 +57,7 @@ class BaseImage:
     size: int
     chunk_digests: tuple[str, ...]  # sha256 of each vendor chunk's uncompressed bytes
     cached: bool  # in the image cache (else a work file the build may edit)
+    chunk_ranges: tuple[tuple[int, int], ...] = ()  # (offset, length) of each vendor chunk
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,8 @@ class ImageCache:
     def __init__(self, root: Path | None, *, workers: int | None = None) -> None:
         self.root = root
         self.workers = workers
-        self._held: dict[str, int] = {}  # key -> fd of its .lock, held shared
+        self._held: dict[str, int] = {}  # key -> fd of its .lock, held shared (exclusive while edited)
+        self._editing: dict[str, dict[str, Any]] = {}  # key -> its record, while edited in place
 
     def open(
         self,
@@ -108,7 +112,9 @@ class ImageCache:
                 joined = join_partition(
                     files, part, work / f"{part.stem}.img", workers=self.workers, progress=advance
                 )
-            return BaseImage(part.label, key, joined.path, joined.size, joined.chunk_digests, cached=False)
+            return BaseImage(
+                part.label, key, joined.path, joined.size, joined.chunk_digests, False, _ranges(part)
+            )
         self.root.mkdir(parents=True, exist_ok=True)
         self._hold(key)  # before looking: a prune cannot delete it from under us
         with file_lock(self.root / f"{key}.join.lock"):  # two builds: one joins, the other waits
@@ -120,15 +126,71 @@ class ImageCache:
         self._touch(key)
         return found
 
-    def writable(self, base: BaseImage, dest: Path) -> JoinedImage:
-        """A work image to edit: a sparse copy of a cached image, or the work file itself."""
-        if base.cached:
-            copy_sparse(base.path, dest, workers=self.workers)
-            return JoinedImage(dest, base.size, base.chunk_digests)
-        return JoinedImage(base.path, base.size, base.chunk_digests)
+    def writable(self, base: BaseImage, dest: Path, *, in_place: bool = False) -> JoinedImage:
+        """A work image to edit: the work file itself (no cache), the cached image itself when
+        `in_place` is asked and no other build reads it (edit it with undo files, then give it
+        back with restore()), else a sparse copy of it at `dest`."""
+        if not base.cached:
+            return JoinedImage(base.path, base.size, base.chunk_digests)
+        if in_place and self._take_for_edit(base.key):
+            return JoinedImage(base.path, base.size, base.chunk_digests)
+        copy_sparse(base.path, dest, workers=self.workers)
+        return JoinedImage(dest, base.size, base.chunk_digests)
+
+    def _take_for_edit(self, key: str) -> bool:
+        """Hold the image alone and mark it as being edited (its record removed: a build killed
+        now leaves an image no later build trusts, and the next one joins it again)."""
+        fd = self._held.get(key)
+        if fd is None or fcntl is None:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # a failed conversion may have dropped the shared lock
+            return False
+        _, meta_path, _ = self._paths(key)
+        meta = read_json(meta_path)
+        if meta is None:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            return False
+        meta_path.unlink()
+        _fsync_dir(meta_path.parent)
+        self._editing[key] = meta
+        return True
+
+    def restore(self, base: BaseImage, image: Ext4Image, packed: Sequence[tuple[int, int, str]]) -> None:
+        """Undo the in-place edit of a cached image and check it is the vendor's again.
+
+        `packed`: (offset, length, sha256) of the chunks the edited image was cut into. A vendor
+        chunk packed unchanged was not written to; the others are hashed again after e2undo.
+        On any doubt the image is dropped: the next build joins it anew."""
+        meta = self._editing.pop(base.key)
+        seen = {(off, n): digest for off, n, digest in packed}
+        try:
+            image.undo(base.size)
+            fd = os.open(base.path, os.O_RDONLY)
+            try:
+                for (off, n), digest in zip(base.chunk_ranges, base.chunk_digests, strict=True):
+                    if seen.get((off, n)) != digest and _hash_range(fd, off, n) != digest:
+                        raise BuildError(f"bytes {off}+{n} differ from the vendor's chunk after e2undo")
+            finally:
+                os.close(fd)
+        except (BuildError, OSError) as e:
+            log.warning(
+                "partition %s: the cached image could not be restored (%s); it is dropped", base.label, e
+            )
+            base.path.unlink(missing_ok=True)
+            return
+        write_json_atomic(self._paths(base.key)[1], meta)
+        if fcntl is not None and base.key in self._held:
+            fcntl.flock(self._held[base.key], fcntl.LOCK_SH)
 
     def close(self) -> None:
-        """Let go of the images this build read (prune may delete them again)."""
+        """Let go of the images this build read (prune may delete them again). An image still
+        being edited (the build failed before restore()) is dropped."""
+        for key in list(self._editing):
+            self._paths(key)[0].unlink(missing_ok=True)
+        self._editing.clear()
         for fd in self._held.values():
             os.close(fd)
         self._held.clear()
@@ -164,7 +226,8 @@ class ImageCache:
             meta_path.unlink(missing_ok=True)
             return None
         log.info("partition %s: using the joined image %s", part.label, img)
-        return BaseImage(part.label, key, img, int(meta["size"]), tuple(meta["chunk_digests"]), cached=True)
+        digests = tuple(meta["chunk_digests"])
+        return BaseImage(part.label, key, img, int(meta["size"]), digests, True, _ranges(part))
 
     def _join(
         self, key: str, files: PackageSource, part: PartitionFlash, progress: Progress | None
@@ -198,7 +261,7 @@ class ImageCache:
                 "last_used": now,
             },
         )
-        return BaseImage(part.label, key, img, joined.size, joined.chunk_digests, cached=True)
+        return BaseImage(part.label, key, img, joined.size, joined.chunk_digests, True, _ranges(part))
 
     def _touch(self, key: str) -> None:
         _, meta_path, _ = self._paths(key)
@@ -226,6 +289,34 @@ def _progress(
         return
     with joining() as advance:
         yield advance
+
+
+def _ranges(part: PartitionFlash) -> tuple[tuple[int, int], ...]:
+    return tuple(
+        ((c.offset_sectors - part.offset_sectors) * SECTOR, c.unzip_bytes or c.count_sectors * SECTOR)
+        for c in part.chunks
+    )
+
+
+def _hash_range(fd: int, offset: int, length: int) -> str:
+    h = hashlib.sha256()
+    pos = 0
+    while pos < length:
+        buf = os.pread(fd, min(4 << 20, length - pos), offset + pos)
+        if not buf:
+            break
+        h.update(buf)
+        pos += len(buf)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _metas(root: Path) -> Iterator[tuple[str, dict[str, Any]]]:

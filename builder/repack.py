@@ -23,6 +23,7 @@ from builder.package.chunks import (
     ChunkPool,
     JoinedImage,
     chunk_name_pattern,
+    chunk_ranges,
     copy_vendor,
     default_workers,
     file_stat,
@@ -240,7 +241,11 @@ def _rebuild_partition(
     reused = sum(1 for p in packed if p.reused_from is not None)
     pooled = [p for p in packed if p.pooled]
     fresh = [p for p in packed if p.reused_from is None and not p.pooled]
-    _remove_in_background(image)
+    if joined.release is not None:
+        ranges = chunk_ranges(new_size, plan.chunk_sectors)
+        joined.release([(off, n, p.sha256) for (off, n), p in zip(ranges, packed, strict=True)])
+    else:
+        _remove_in_background(image)
     result = PartitionResult(
         label=part.label,
         changed=True,

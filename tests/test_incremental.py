@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import vendor_fixture as vf
 from buildhelp import cli, run_build, same_tree, write_recipe
 
@@ -317,3 +318,41 @@ def test_source_digests_are_remembered_while_files_are_unchanged(tmp_path: Path)
     third = DigestMemo(memo_path, fresh_under=[staged])
     again = third.digests(files, 2)
     assert third.hashed == 1 and again[files[0]] == file_sha256(files[0]) != got[files[0]]
+
+
+def test_a_small_edit_goes_into_the_cached_image_and_is_undone(make_vendor_package, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """With room in ROOTFS (as multi-GB vendor images have), the netplan edit is made on the
+    cached image itself (no copy), then undone with e2undo."""
+    pkg = make_vendor_package(slack_kb={"ROOTFS": 2048})
+    payload = _payload(tmp_path)
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    run_build(_recipe(tmp_path, pkg.dir, "10.0.0.1/24", payload, "a"), out, cache)
+    (rootfs,) = [e.path for e in image_entries(cache) if e.label == "ROOTFS"]
+    before = rootfs.stat()
+    vendor = hashlib.sha256(rootfs.read_bytes()).hexdigest()
+    second = _recipe(tmp_path, pkg.dir, "10.0.0.2/24", payload, "b")
+    res = run_build(second, out, cache)
+    after = rootfs.stat()
+    assert after.st_ino == before.st_ino and after.st_mtime_ns > before.st_mtime_ns  # written, in place
+    assert hashlib.sha256(rootfs.read_bytes()).hexdigest() == vendor  # and put back
+    assert _parts(res.out_dir)["ROOTFS"]["recompressed"] >= 1
+    _same_bundle(res.out_dir, _from_scratch(second, tmp_path))
+
+
+def test_a_build_failing_mid_edit_drops_the_image_it_was_editing(make_vendor_package, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    pkg = make_vendor_package(slack_kb={"ROOTFS": 2048})
+    payload = _payload(tmp_path)
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    run_build(_recipe(tmp_path, pkg.dir, "10.0.0.1/24", payload, "a"), out, cache)
+    second = _recipe(tmp_path, pkg.dir, "10.0.0.2/24", payload, "b")
+
+    def fail(_image: Path) -> None:
+        raise RuntimeError("planted failure after the customisation, before the repack")
+
+    with pytest.raises(RuntimeError, match="planted"):
+        run_build(second, out, cache, edits={"OPT": [fail]})
+    assert "ROOTFS" not in {e.label for e in image_entries(cache)}  # not trusted any more
+    assert not [p for p in (cache / "images").glob("*.img") if not p.with_suffix(".json").exists()]
+    res = run_build(second, out, cache)
+    assert "ROOTFS" in {e.label for e in image_entries(cache)}
+    _same_bundle(res.out_dir, _from_scratch(second, tmp_path))

@@ -32,6 +32,7 @@ from __future__ import annotations
 import calendar
 import os
 import random
+import re
 import shutil
 import struct
 import subprocess
@@ -634,6 +635,9 @@ class PackageOptions:
     rw_overlay_files: Mapping[str, bytes | str] = field(default_factory=dict)  # device path -> content
     rw_whiteouts: tuple[str, ...] = ()  # device paths hidden by a whiteout in ROOTFS_RW
     rw_opaque_dirs: tuple[str, ...] = ()  # device dirs made opaque in ROOTFS_RW
+    # label -> KiB of free space left after resize2fs -M (on multi-GB flex_bg file systems the
+    # vendor's resize2fs -M leaves hundreds of MB free; the miniature ones come out full)
+    slack_kb: Mapping[str, int] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- results
@@ -866,6 +870,15 @@ def make_ext4(
         raise FixtureError(f"debugfs on {image.name}: {errors[:5]}")
     sh(["e2fsck", "-f", "-p", image], env)
     sh(["resize2fs", "-M", image], env)
+    slack = {k.upper(): v for k, v in opts.slack_kb.items()}.get(image.stem.upper(), 0)
+    if slack:
+        head = sh(["dumpe2fs", "-h", image], env).stdout
+        blocks = int(re.search(rb"Block count:\s+(\d+)", head)[1])  # type: ignore[index]
+        block_size = int(re.search(rb"Block size:\s+(\d+)", head)[1])  # type: ignore[index]
+        grown = blocks + slack * 1024 // block_size
+        with open(image, "r+b") as f:
+            f.truncate(grown * block_size)
+        sh(["resize2fs", image, str(grown)], env)
     shutil.rmtree(stage)
 
 

@@ -8,6 +8,7 @@ partition's edits in one debugfs batch, checks the result and shrinks it again.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import posixpath
 from collections.abc import Callable, Mapping
@@ -18,7 +19,7 @@ from typing import Any
 from builder.digestmemo import DigestMemo, file_sha256
 from builder.errors import BuildError, RecipeError
 from builder.events import Reporter
-from builder.fs.ext4 import EditBatch, Ext4Image, FileType, Inode
+from builder.fs.ext4 import EditBatch, Ext4Image, FileType, Inode, SpaceEstimate
 from builder.imagecache import BaseImage, ImageCache
 from builder.package.chunks import JoinedImage, default_workers
 from builder.package.flashplan import SECTOR, FileSet, FlashPlan, PartitionFlash
@@ -32,6 +33,7 @@ OVERLAY_UPPER = "/overlay"  # upperdir=/media/root-rw/overlay (FORMAT.md section
 OPAQUE = "trusted.overlay.opaque"
 FSTAB = "/etc/fstab.emmc.ro"
 DIFF_MAX = 64 << 10
+IN_PLACE_MAX = 64 << 20  # edits up to this size go into the cached image itself (undo files)
 REFUSED_MOUNTS = ("/boot", "/recovery")
 # Files whose changes the report records without a diff: it would show password hashes.
 SECRET_FILES = frozenset({"/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-"})
@@ -531,18 +533,42 @@ class Customiser:
                 changed[label] = earlier
                 continue
             with self.reporter.step(f"edit {label}", operations=len(batch)):
-                joined = self.image_cache.writable(base, self.work / f"{self.partition(label).stem}.img")
-                img = Ext4Image(joined.path, epoch=self.epoch)
+                need = batch.estimate()
+                dest = self.work / f"{self.partition(label).stem}.img"
+                joined = self.image_cache.writable(base, dest, in_place=self._fits_in_place(label, need))
+                undo = None
+                if base.cached and joined.path == base.path:
+                    undo = self.work / f"undo-{label}"
+                    undo.mkdir(exist_ok=True)
+                img = Ext4Image(joined.path, epoch=self.epoch, undo_dir=undo)
+                writes = img.lifetime_writes()
                 batch.retarget(img)
-                img.ensure_room(batch.estimate(), limit=self.limit(label), headroom=1 << 20)
+                img.ensure_room(need, limit=self.limit(label), headroom=1 << 20)
                 batch.apply()
-                img.check()
                 if shrink:  # never below the vendor's own size: that would only move blocks
                     img.shrink_to_min(floor_bytes=base.size)
-            changed[label] = replace(joined, fingerprint=fp)
+                img.set_lifetime_writes(writes)  # the same bytes whether edited in place or on a copy
+                img.check()
+            joined = replace(joined, fingerprint=fp)
+            if undo is not None:  # the cached image itself: put back once its chunks are packed
+                joined = replace(joined, release=functools.partial(self.image_cache.restore, base, img))
+            changed[label] = joined
         for fn in self.after_apply:
             fn()
         return changed
+
+    def _fits_in_place(self, label: str, need: SpaceEstimate) -> bool:
+        """A small edit that fits the vendor image as it is (no grow, shrink or e2fsck repair)
+        is made on the cached image itself, with undo files, instead of on a multi-GB copy."""
+        info = self._images[label].info()
+        headroom = 1 << 20
+        return (
+            need.bytes <= IN_PLACE_MAX
+            and need.blocks + -(-headroom // info.block_size) <= info.free_blocks
+            and need.inodes <= info.free_inodes
+            and info.state == "clean"
+            and not info.features & {"needs_recovery", "quota", "project"}
+        )
 
     def _hash_sources(self) -> None:
         """sha256 of every host file the batches write, side by side (for the report and the

@@ -60,6 +60,7 @@ import posixpath
 import re
 import shutil
 import stat as statmod
+import struct
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -286,6 +287,37 @@ def _check_epoch(epoch: int | None, what: str) -> int:
     return epoch
 
 
+# ----------------------------------------------------------------------------- the superblock
+
+_SB_OFFSET, _SB_SIZE = 1024, 1024
+_SB_MAGIC = 0x38
+_SB_RO_COMPAT = 0x64
+_SB_KBYTES_WRITTEN = 0x178
+_SB_CHECKSUM = 0x3FC
+_RO_COMPAT_METADATA_CSUM = 0x400
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    return table
+
+
+_CRC32C = _crc32c_table()
+
+
+def _crc32c(data: bytes) -> int:
+    """ext4's metadata checksum: CRC32C (Castagnoli) from ~0, without the final inversion."""
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc = _CRC32C[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    return crc
+
+
 # ----------------------------------------------------------------------------- names and quoting
 
 
@@ -294,16 +326,14 @@ def _split(path: str | os.PathLike[str], *, what: str = "path") -> tuple[bytes, 
     text = os.fspath(path)
     if not text.startswith("/"):
         raise BuildError(f"image path {text!r} is not absolute", hint="image paths start with '/'")
-    parts = []
-    for part in text.split("/"):
-        if part in ("", "."):
-            continue
-        if part == "..":
-            raise BuildError(f"image path {text!r} contains '..'", hint="give the path without '..'")
-        raw = os.fsencode(part)
-        _check_name(raw, text, what)
-        parts.append(raw)
-    return tuple(parts)
+    # one encode and one C-level split: this runs for every file an app or overlay writes
+    parts = tuple(p for p in os.fsencode(text).split(b"/") if p and p != b".")
+    if b".." in parts:
+        raise BuildError(f"image path {text!r} contains '..'", hint="give the path without '..'")
+    if "\r" in text or "\n" in text or "\0" in text or any(len(p) > _NAME_MAX for p in parts):
+        for raw in parts:
+            _check_name(raw, text, what)
+    return parts
 
 
 def _check_scriptable(raw: bytes, path: str, what: str) -> None:
@@ -503,6 +533,7 @@ def _run_debugfs(
     write: bool,
     epoch: int | None,
     groups: Sequence[object] | None = None,
+    undo: Sequence[str] = (),
 ) -> list[_Result]:
     """Run commands in one debugfs process; return each command's stdout and stderr lines.
 
@@ -521,7 +552,7 @@ def _run_debugfs(
         parts.append(cmd + b"\n")
         if k + 1 == len(lines) or keys[k] != keys[k + 1]:
             parts.append(b"%s%d\n" % (_MARK, k))
-    args: list[str | Path] = ["debugfs"]
+    args: list[str | Path] = ["debugfs", *undo]
     if write:
         args.append("-w")
     args += ["-f", "-", image]
@@ -606,15 +637,81 @@ class Ext4Image:
     `epoch` is the timestamp every edit, grow and shrink stamps into the image; reading needs none.
     """
 
-    def __init__(self, path: Path | str, *, epoch: int | None = None) -> None:
+    def __init__(self, path: Path | str, *, epoch: int | None = None, undo_dir: Path | None = None) -> None:
         self.path = Path(path)
         self.epoch = epoch
+        # With undo_dir, debugfs keeps the blocks it overwrites in undo files there (`-z`), in
+        # order: `undo()` puts them back (e2undo, newest first). No grow, shrink or e2fsck -p then.
+        self.undo_dir = undo_dir
+        self.undo_files: list[Path] = []
+        self._tools_writes: int | None = None  # s_kbytes_written as the last tool left it
         # stat results, valid while the image file is unchanged (see _stat_memo)
         self._memo: dict[str, Inode | None] = {}
         self._memo_key: tuple[int, ...] | None = None
 
     def __repr__(self) -> str:
         return f"Ext4Image({str(self.path)!r})"
+
+    def undo_args(self) -> list[str]:
+        """`-z FILE` for the next writing tool when undo files are kept, else nothing."""
+        if self.undo_dir is None:
+            return []
+        f = self.undo_dir / f"{len(self.undo_files):03d}.e2undo"
+        f.unlink(missing_ok=True)
+        self.undo_files.append(f)
+        return ["-z", str(f)]
+
+    def lifetime_writes(self) -> int:
+        """The superblock's s_kbytes_written (KiB written over the file system's life)."""
+        with open(self.path, "rb") as f:
+            f.seek(_SB_OFFSET)
+            sb = f.read(_SB_SIZE)
+        if len(sb) < _SB_SIZE or struct.unpack_from("<H", sb, _SB_MAGIC)[0] != 0xEF53:
+            raise BuildError(f"{self.path} has no ext2/3/4 superblock")
+        return int(struct.unpack_from("<Q", sb, _SB_KBYTES_WRITTEN)[0])
+
+    def set_lifetime_writes(self, kib: int) -> None:
+        """Set s_kbytes_written (and the superblock checksum). e2fsprogs adds each session's
+        writes to it, and how much depends on the I/O path (an undo file counts): an edited
+        image gets the vendor's value, so it is the same however it was edited."""
+        with open(self.path, "r+b") as f:
+            f.seek(_SB_OFFSET)
+            sb = bytearray(f.read(_SB_SIZE))
+            if len(sb) < _SB_SIZE or struct.unpack_from("<H", sb, _SB_MAGIC)[0] != 0xEF53:
+                raise BuildError(f"{self.path} has no ext2/3/4 superblock")
+            if self.undo_dir is not None and self._tools_writes is None:  # e2undo wants it back
+                self._tools_writes = int(struct.unpack_from("<Q", sb, _SB_KBYTES_WRITTEN)[0])
+            struct.pack_into("<Q", sb, _SB_KBYTES_WRITTEN, kib)
+            if struct.unpack_from("<I", sb, _SB_RO_COMPAT)[0] & _RO_COMPAT_METADATA_CSUM:
+                struct.pack_into("<I", sb, _SB_CHECKSUM, _crc32c(bytes(sb[:_SB_CHECKSUM])))
+            f.seek(_SB_OFFSET)
+            f.write(sb)
+        self.forget()
+
+    def _no_undo(self, tool: str) -> None:
+        # resize2fs -z leaves an invalid resize inode (e2fsprogs 1.47); e2fsck -p's undo is
+        # untested here: an image edited in place (undo_dir) must need neither.
+        if self.undo_dir is not None:
+            raise BuildError(f"internal: {tool} on {self.path}, an image edited in place with undo files")
+
+    def undo(self, size: int) -> None:
+        """Put back every block the tools overwrote (newest undo file first) and the file's size."""
+        require_tools("e2undo")
+        if self._tools_writes is not None:  # e2undo checks the superblock is as the tool left it
+            undo_dir, self.undo_dir = self.undo_dir, None
+            self.set_lifetime_writes(self._tools_writes)
+            self.undo_dir, self._tools_writes = undo_dir, None
+        for f in reversed(self.undo_files):
+            if not f.exists():
+                continue  # the tool stopped before writing anything
+            proc = run(["e2undo", f, self.path], env=_env(None), check=False)
+            if proc.returncode != 0:
+                err = ((proc.stderr or b"") + (proc.stdout or b"")).decode(errors="replace").strip()
+                raise BuildError(f"e2undo could not restore {self.path} from {f.name}: {err[-400:]}")
+            f.unlink()
+        self.undo_files.clear()
+        os.truncate(self.path, size)
+        self.forget()
 
     # -- reading ------------------------------------------------------------------------
 
@@ -865,6 +962,7 @@ class Ext4Image:
         self._ready()
         epoch = _check_epoch(self.epoch, f"e2fsck on {self.path}")
         self.forget()
+        self._no_undo("e2fsck -p")
         proc = run(["e2fsck", "-f", "-p", self.path], env=_env(epoch), check=False)
         if proc.returncode not in (0, 1):
             report = (proc.stdout + proc.stderr).decode(errors="replace").strip()
@@ -880,12 +978,11 @@ class Ext4Image:
     def _resize(self, blocks: int | None) -> None:
         epoch = _check_epoch(self.epoch, f"resizing {self.path}")
         # A size without a unit is in file system blocks.
-        args: list[str | Path] = (
-            ["resize2fs", "-M", self.path] if blocks is None else ["resize2fs", self.path, str(blocks)]
-        )
+        args: list[str | Path] = ["-M", self.path] if blocks is None else [self.path, str(blocks)]
+        self._no_undo("resize2fs")
         self.forget()
         for attempt in range(2):
-            proc = run(args, env=_env(epoch), check=False)
+            proc = run(["resize2fs", *args], env=_env(epoch), check=False)
             if proc.returncode == 0:
                 return
             err = (proc.stderr or b"").decode(errors="replace")
@@ -1508,6 +1605,7 @@ class EditBatch:
             write=True,
             epoch=epoch,
             groups=[c.path for c in commands],
+            undo=self.image.undo_args(),
         )
         failed = [k for k, r in enumerate(results) if r.err or any(not _BENIGN_OUT.match(o) for o in r.out)]
         if failed:
@@ -2130,7 +2228,8 @@ class _Planner:
                 )
             cmds.append(b"ea_rm %s %s" % (_ino_ref(ino), _q(names[0])))
         self.runs += 2
-        results = _run_debugfs(self.image.path, cmds, write=True, epoch=self.epoch)
+        undo = self.image.undo_args()
+        results = _run_debugfs(self.image.path, cmds, write=True, epoch=self.epoch, undo=undo)
         failed = [r.error_text() for r in results if r.err]
         if failed:
             raise BuildError(f"cannot release xattr blocks in {self.image.path.name}: {failed[0]}")

@@ -40,6 +40,9 @@ class JoinedImage:
     size: int
     chunk_digests: tuple[str, ...]  # sha256 of each vendor chunk's uncompressed bytes
     fingerprint: str | None = None  # of the edits applied to it (builder.previous), when known
+    # Called with (offset, length, sha256) of each chunk once it is packed; None: a work file,
+    # deleted then. (An image edited in place in the image cache is restored by it.)
+    release: Callable[[Sequence[tuple[int, int, str]]], None] | None = None
 
 
 def _decompress_chunk(

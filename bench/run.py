@@ -1,7 +1,10 @@
 """The benchmark: airbox-build against the vendor's way of repacking, on a realistic package.
 
     python bench/run.py [--size small|full] [--repeat 3] [--baseline-repeat N] [--keep]
-                        [--work DIR] [--profile]
+                        [--work DIR] [--profile] [--quick]
+
+--quick: three airbox-build runs of each kind, one of the vendor method, the package kept:
+under 10 minutes on 2 cores once the package exists (building it takes about 4 more).
 
 1. Builds a vendor package with the real chunk size and real content (bench/bigpackage.py),
    and the app payload; kept between runs with --keep.
@@ -131,6 +134,7 @@ def run_airbox(recipe: Path, out: Path, cache: Path, result: Path, profile: Path
         "chunks_pooled": sum(p.get("pooled", 0) for p in parts),
         "bytes_pooled": sum(p.get("bytes_pooled", 0) for p in parts),
         "output_bytes": sum(p.stat().st_size for p in card.iterdir() if p.is_file()),
+        "same_edits": sorted(p["label"] for p in parts if p.get("same_edits_as_earlier")),
         "timings": report.get("timings", {}),
     }
 
@@ -242,6 +246,7 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         steps = sorted({k for r in runs[kind] for k in r["timings"]})
         s[kind]["steps"] = {k: statistics.median(r["timings"].get(k, 0.0) for r in runs[kind]) for k in steps}
         s[kind]["runs"] = [r["seconds"] for r in runs[kind]]
+        s[kind]["same_edits"] = sorted({label for r in runs[kind] for label in r.get("same_edits", [])})
     s["baseline"]["runs"] = [r["seconds"] for r in runs["baseline"]]
     return s
 
@@ -292,6 +297,12 @@ def render(
     lines.append("- baseline: " + ", ".join(f"{k} {v:.1f}" for k, v in b["steps"].items()))
     for kind in ("cold", "warm"):
         lines.append(f"- {kind}: " + ", ".join(f"{k} {v:.1f}" for k, v in s[kind]["steps"].items()))
+    for kind in ("cold", "warm"):
+        if s[kind]["same_edits"]:
+            lines.append(
+                f"- {kind}: edited exactly as in the last build, so taken from it (nothing applied): "
+                + ", ".join(s[kind]["same_edits"])
+            )
     lines.append(
         "- all runs (s): "
         + "; ".join(
@@ -320,11 +331,18 @@ def main() -> int:
         help="baseline runs (default: --repeat; it is the slow part)",
     )
     ap.add_argument("--keep", action="store_true", help="keep the package and outputs (reused next time)")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="one vendor-method run (the slow part) instead of --repeat; implies --keep",
+    )
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK, help=f"work folder (default {DEFAULT_WORK})")
     ap.add_argument(
         "--profile", action="store_true", help="profile the first cold and warm run (pyinstrument)"
     )
     args = ap.parse_args()
+    if args.quick:
+        args.baseline_repeat, args.keep = 1, True
     started = time.perf_counter()
     load0 = os.getloadavg()[0]
     work: Path = args.work.resolve()

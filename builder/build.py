@@ -22,7 +22,7 @@ from builder.fetch import FetchOptions, fetch
 from builder.imagecache import ImageCache
 from builder.inputs import InputSpec
 from builder.manifest import write_sha256sums
-from builder.outdir import RESULT, build_slot, replace_dir
+from builder.outdir import RESULT, build_slot, replace_dir, scratch_tempdir
 from builder.package.chunks import DEFAULT_LEVEL, JoinedImage
 from builder.package.flashplan import FlashPlan, read_flash_plan
 from builder.package.layout import LayoutChange, apply_layout
@@ -85,6 +85,7 @@ def build(
         build_slot(out_root, recipe.name, reporter, also_writes=[opts.fetch.cache_dir]) as tmp,
         contextlib.ExitStack() as cleanup,
     ):
+        cleanup.enter_context(scratch_tempdir(tmp / "scratch"))  # nothing left in $TMPDIR, even on SIGKILL
         result_dir = tmp / RESULT
         card = result_dir / CARD
         card.mkdir(parents=True)

@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -520,6 +521,11 @@ class Cache:
                 bad.unlink(missing_ok=True)
                 files += 1
                 size += st.st_size
+        for work in sorted((self.root / "partial").glob("pip-*")):  # a pip download killed midway
+            if work.is_dir() and not _pid_alive(work.name.split("-")[1]):
+                size += sum(f.stat().st_size for f in work.rglob("*") if f.is_file())
+                shutil.rmtree(work, ignore_errors=True)
+                files += 1
         self._drop_dangling_indexes(removed)
         if cutoff is None:
             for memo in (self.root / "stat").glob("*.json"):
@@ -561,6 +567,19 @@ class Cache:
             data = read_json(index)
             if data is None or data.get("sha256") in removed:
                 index.unlink(missing_ok=True)
+
+
+def _pid_alive(text: str) -> bool:
+    """Whether the process whose pid is `text` runs (True when that cannot be told)."""
+    try:
+        os.kill(int(text), 0)
+    except ValueError:
+        return False
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it runs, as another user
+        return True
+    return True
 
 
 def _entry_from_meta(blob: Path, meta: dict[str, Any]) -> CacheEntry:

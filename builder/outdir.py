@@ -88,6 +88,24 @@ def build_slot(
             lock.release()
 
 
+@contextlib.contextmanager
+def scratch_tempdir(path: Path) -> Iterator[None]:
+    """Send the temp files of this process and of the tools it runs into `path`, a folder inside
+    the build's temp folder: removed with it, and by the next build when this one is killed."""
+    path.mkdir(exist_ok=True)
+    old_dir, old_env = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir = str(path)
+    os.environ["TMPDIR"] = str(path)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = old_dir
+        if old_env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = old_env
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
     """Put the complete bundle `tmp/result` at `final`; the old bundle ends up in `tmp` (removed
     with it). On Linux the two folders are exchanged in one atomic rename, so `final` is always

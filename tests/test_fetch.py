@@ -704,3 +704,19 @@ def test_two_processes_share_one_download(server: LocalHTTPServer, opts: FetchOp
     gets = server.gets("/img.bin")
     assert len(gets) == 1 and gets[0].range is None and gets[0].sent == len(data)
     assert sum(r.sent for r in gets) == len(data)
+
+
+def test_prune_removes_the_work_of_a_killed_pip_download(tmp_path: Path) -> None:
+    """A pip download killed midway leaves cache/partial/pip-<pid>-<n>/: prune removes it, unless
+    its process still runs."""
+    cache = tmp_path / "cache"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    killed = cache / "partial" / f"pip-{dead.pid}-123" / "wheels"
+    killed.mkdir(parents=True)
+    (killed / "x-1.0-py3-none-any.whl.part").write_bytes(b"w" * 5000)
+    running = cache / "partial" / f"pip-{os.getpid()}-456" / "wheels"
+    running.mkdir(parents=True)
+    result = cache_prune(cache, timedelta(days=7))
+    assert (result.files, result.bytes) == (1, 5000)
+    assert not killed.parent.exists() and running.exists()

@@ -253,21 +253,31 @@ def require_e2fsprogs() -> tuple[int, int, int]:
 _E2FSCK_CONF = "[options]\n\tbroken_system_clock = 1\n"
 
 
-@cache
 def _e2fsck_config() -> str:
-    fd, name = tempfile.mkstemp(prefix="airbox-e2fsck-", suffix=".conf")
+    """The e2fsck config file, in the current temp folder (a build's own, see builder.outdir)."""
+    name = _e2fsck_config_in(tempfile.gettempdir())
+    if not os.path.exists(name):  # its folder was cleaned: make another
+        _e2fsck_config_in.cache_clear()
+        name = _e2fsck_config_in(tempfile.gettempdir())
+    return name
+
+
+@cache
+def _e2fsck_config_in(folder: str) -> str:
+    fd, name = tempfile.mkstemp(prefix="airbox-e2fsck-", suffix=".conf", dir=folder)
     with os.fdopen(fd, "w") as f:
         f.write(_E2FSCK_CONF)
     atexit.register(lambda: Path(name).unlink(missing_ok=True))
     return name
 
 
-def _env(epoch: int | None) -> dict[str, str]:
+def _env(epoch: int | None, *, e2fsck: bool = False) -> dict[str, str]:
     env = dict(os.environ)
     for var in ("LANGUAGE", "E2FSPROGS_FAKE_TIME", "SOURCE_DATE_EPOCH", "E2FSCK_TIME", "DEBUGFS_PAGER"):
         env.pop(var, None)
     env.update(LC_ALL="C", LANG="C", TZ="UTC", PAGER="__none__", DEBUGFS_PAGER="__none__")
-    env["E2FSCK_CONFIG"] = _e2fsck_config()
+    if e2fsck:
+        env["E2FSCK_CONFIG"] = _e2fsck_config()
     if epoch is not None:
         env["E2FSPROGS_FAKE_TIME"] = env["SOURCE_DATE_EPOCH"] = env["E2FSCK_TIME"] = str(epoch)
     return env
@@ -948,7 +958,7 @@ class Ext4Image:
     def check(self) -> None:
         """`e2fsck -fn`: the file system must be clean, else BuildError with e2fsck's report."""
         self._ready()
-        proc = run(["e2fsck", "-fn", self.path], env=_env(None), check=False)
+        proc = run(["e2fsck", "-fn", self.path], env=_env(None, e2fsck=True), check=False)
         if proc.returncode != 0:
             report = (proc.stdout + proc.stderr).decode(errors="replace").strip()
             tail = "\n".join(report.splitlines()[-25:])
@@ -963,7 +973,7 @@ class Ext4Image:
         epoch = _check_epoch(self.epoch, f"e2fsck on {self.path}")
         self.forget()
         self._no_undo("e2fsck -p")
-        proc = run(["e2fsck", "-f", "-p", self.path], env=_env(epoch), check=False)
+        proc = run(["e2fsck", "-f", "-p", self.path], env=_env(epoch, e2fsck=True), check=False)
         if proc.returncode not in (0, 1):
             report = (proc.stdout + proc.stderr).decode(errors="replace").strip()
             raise BuildError(

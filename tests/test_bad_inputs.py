@@ -333,6 +333,17 @@ def corrupt_chunk_in_an_edited_partition(env: Env) -> list[str | Path]:
     return env.build_pkg(files=[{"path": "/opt/notes.txt", "content": "x\n"}])
 
 
+@case(r"opt\.2-of-5\.gz is damaged: its md5 is not the one md5\.txt gives", r"opt\.2-of-5\.gz", REDO)
+def corrupt_chunk_in_an_untouched_partition(env: Env) -> list[str | Path]:
+    """Damaged after the vendor wrote md5.txt (in transit), in a partition the recipe leaves
+    alone: its gzip frame and size trailer are intact, so only its md5 tells."""
+    chunk = env.pkg / "opt.2-of-5.gz"
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+    return env.build_pkg(files=[{"path": "/data/notes.txt", "content": "x\n"}])
+
+
 # ---------------------------------------------------------------------------------------------
 # Vendor packages as tarballs: members that must never be extracted
 
@@ -607,6 +618,7 @@ def test_corpus_covers_every_kind_of_bad_input() -> None:
     for needed in (
         "truncate_chunk-build",
         "corrupt_chunk-verify",
+        "corrupt_chunk_in_an_untouched_partition",
         "script_data_crc-build",
         "script_bad_magic-inspect",
         "overlapping_writes-build",

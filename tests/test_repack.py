@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
 import vendor_fixture as vf
-from buildhelp import cli, debugfs, run_build, same_tree, write_recipe
+from buildhelp import cli, debugfs, refresh_md5, run_build, same_tree, write_recipe
 
 from builder.package.flashplan import read_flash_plan
 from builder.package.source import open_package
@@ -148,12 +149,14 @@ def test_edit_recompresses_only_changed_chunks_and_regenerates_only_its_script(
 
 
 def test_untouched_partition_is_never_decompressed(vendor_package: vf.MiniPackage, tmp_path: Path) -> None:
-    # a DATA chunk corrupt in the middle does not matter when only OPT changes: DATA is copied,
-    # not read (its gzip frame - magic and size trailer - is intact, which is all the build checks)
+    # a DATA chunk that does not decompress, but is the one md5.txt lists (damaged at the
+    # source), shows that DATA is copied, not read, when only OPT changes: the build checks its
+    # gzip frame, size trailer and md5 (see test_bad_inputs for one damaged after md5.txt)
     bad = vendor_package.dir / "data.2-of-5.gz"
     damaged = bytearray(bad.read_bytes())
     damaged[20 : len(damaged) - 8] = bytes(len(damaged) - 28)
     bad.write_bytes(bytes(damaged))
+    refresh_md5(vendor_package.dir)
     recipe = write_recipe(tmp_path / "r", vendor_package.dir)
     res = run_build(recipe, tmp_path / "out", tmp_path / "cache", edits={"OPT": [_ext4_edit({"/x": b"x"})]})
     assert (res.card / "data.2-of-5.gz").read_bytes() == bytes(damaged)
@@ -243,3 +246,24 @@ def test_bad_layout_is_refused_with_numbers(layout, message, vendor_package_sess
     out = cli(recipe, "-o", tmp_path / "out")
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert message in out.stderr, out.stderr
+
+
+def test_a_stale_md5_line_for_an_intact_chunk_only_warns(
+    vendor_package: vf.MiniPackage, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """md5.txt gives another md5 for a chunk the recipe leaves alone, but the chunk decompresses
+    fine: the build goes on, says so, and the card's md5.txt has the right digest."""
+    pkg = vendor_package.dir
+    md5 = pkg / "md5.txt"
+    wrong = "0" * 32
+    lines = [
+        f"{wrong}  {ln.split()[1]}" if ln.endswith("opt.2-of-5.gz") else ln
+        for ln in md5.read_text().splitlines()
+    ]
+    md5.write_text("\n".join(lines) + "\n")
+    recipe = write_recipe(tmp_path / "r", pkg, files=[{"path": "/data/x.txt", "content": "x\n"}])
+    with caplog.at_level(logging.WARNING, logger="airbox-build"):
+        res = run_build(recipe, tmp_path / "out", tmp_path / "cache")
+    assert any("opt.2-of-5.gz" in r.getMessage() and "stale" in r.getMessage() for r in caplog.records)
+    check = subprocess.run(["md5sum", "-c", "--quiet", "md5.txt"], cwd=res.card, capture_output=True)
+    assert check.returncode == 0, check.stdout

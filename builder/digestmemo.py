@@ -10,12 +10,12 @@ One JSON file per recipe in CACHE/stat/; it holds what the last build used, noth
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from builder.cache import read_json, text_key, write_json_atomic
+from builder.manifest import file_digest
 from builder.pool import worker_pool
 
 Signature = list[int]  # size, mtime_ns, ctime_ns, inode, device
@@ -28,14 +28,6 @@ def memo_file(cache_dir: Path, recipe_path: Path) -> Path:
 def _signature(path: Path) -> Signature:
     st = os.stat(path)
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 class DigestMemo:
@@ -69,7 +61,7 @@ class DigestMemo:
             else:
                 todo.append((p, key, sig))
         with worker_pool(workers) as pool:
-            hashed = list(pool.map(lambda t: file_sha256(t[0]), todo))
+            hashed = list(pool.map(lambda t: file_digest(t[0]), todo))
         self.hashed += len(todo)
         for (p, key, sig), digest in zip(todo, hashed, strict=True):
             out[p] = digest

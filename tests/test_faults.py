@@ -528,13 +528,8 @@ def test_cache_disk_full_while_joining_names_the_cache(world: World, tmp_path: P
     shutil.copytree(world.warm_cache, disk / "cache", symlinks=True, ignore=shutil.ignore_patterns("images"))
     out = tmp_path / "out"
     run = run_cli(build_args(world.recipe, out, disk / "cache"), cli_env(tmp_path / "tmp"))
-    assert run.returncode == 1, run.stderr
-    error, hint = _one_screen(run.stderr)
-    assert error.startswith(f"error: {disk / 'cache'}: no space left on this disk"), error
-    assert "--no-image-cache" in hint
-    assert cache_problems(disk / "cache") == []
+    _failed_naming_the_full_cache(run, disk / "cache", out, hint_names="--no-image-cache")
     assert not list((disk / "cache" / "images").glob("*.partial-*"))
-    assert temp_leftovers(out) == [] and not (out / NAME).exists()
     ok = run_cli(build_args(world.recipe, out, disk / "cache", "--no-image-cache"), cli_env(tmp_path / "tmp"))
     assert ok.returncode == 0, ok.stderr
     assert compare_bundles(out / NAME, world.reference) == []
@@ -545,9 +540,15 @@ def test_full_cache_disk_names_the_cache(world: World, tmp_path: Path, small_dis
     disk = small_disk(world.base_bytes // 2)
     out = tmp_path / "out"
     run = run_cli(build_args(world.recipe, out, disk / "cache"), cli_env(tmp_path / "tmp"))
+    _failed_naming_the_full_cache(run, disk / "cache", out, hint_names="--cache-dir")
+
+
+def _failed_naming_the_full_cache(run, cache: Path, out: Path, *, hint_names: str) -> None:  # type: ignore[no-untyped-def]
+    """Exit 1, one screen naming the cache's disk (hint: `hint_names`), nothing complete-looking
+    in the cache, nothing in the output root."""
     assert run.returncode == 1, run.stderr
     error, hint = _one_screen(run.stderr)
-    assert error.startswith(f"error: {disk / 'cache'}: no space left on this disk"), error
-    assert "--cache-dir" in hint
-    assert cache_problems(disk / "cache") == []
+    assert error.startswith(f"error: {cache}: no space left on this disk"), error
+    assert hint_names in hint
+    assert cache_problems(cache) == []
     assert temp_leftovers(out) == [] and not (out / NAME).exists()

@@ -294,7 +294,8 @@ def test_prune_leaves_an_image_a_build_is_reading(vendor_package: vf.MiniPackage
 
 
 def test_source_digests_are_remembered_while_files_are_unchanged(tmp_path: Path) -> None:
-    from builder.digestmemo import DigestMemo, file_sha256
+    from builder.digestmemo import DigestMemo
+    from builder.manifest import file_digest as file_sha256
 
     memo_path = tmp_path / "memo.json"
     staged = tmp_path / "build-tmp"

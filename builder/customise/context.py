@@ -16,11 +16,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from builder.digestmemo import DigestMemo, file_sha256
+from builder.digestmemo import DigestMemo
 from builder.errors import BuildError, RecipeError
 from builder.events import Reporter
 from builder.fs.ext4 import EditBatch, Ext4Image, FileType, Inode, SpaceEstimate
 from builder.imagecache import BaseImage, ImageCache
+from builder.manifest import file_digest
 from builder.package.chunks import JoinedImage, default_workers
 from builder.package.flashplan import SECTOR, FileSet, FlashPlan, PartitionFlash
 from builder.previous import EarlierPartition, PreviousBuild, edit_fingerprint
@@ -578,7 +579,7 @@ class Customiser:
 
     def _digest(self, path: Path) -> str:
         if path not in self._digests:
-            self._digests[path] = file_sha256(path)
+            self._digests[path] = file_digest(path)
         return self._digests[path]
 
     def _check_budget(self) -> None:

@@ -288,7 +288,7 @@ def render(
         lines.append(
             f"| {kind} | {k['seconds']:.1f} s | {k['ratio']:.3f} | ≤ {TARGETS[kind]} {ok} | "
             f"{_mib(k['rss_self'])} / {_mib(k['rss_children'])} | "
-            f"{_mib(k['bytes_recompressed'])} ({k['chunks_recompressed']:.0f} chunks) | "
+            f"{_mib(k['bytes_recompressed'])} ({_chunks(k['chunks_recompressed'])}) | "
             f"{_mib(k['bytes_reused'])} ({k['chunks_reused']:.0f} vendor + "
             f"{k['chunks_pooled']:.0f} earlier-build chunks) | "
             f"{_mib(k['output_bytes'])} | {k['output_vs_baseline']:.3f} |"
@@ -311,6 +311,10 @@ def render(
         )
     )
     return "\n".join(lines) + "\n"
+
+
+def _chunks(n: float) -> str:
+    return f"{n:.0f} chunk" + ("" if round(n) == 1 else "s")
 
 
 def pkg_image(pkg: dict[str, Any]) -> list[int]:

@@ -104,7 +104,7 @@ def build(
             image_cache = ImageCache(images_root, workers=opts.workers)
             cleanup.callback(image_cache.close)
             previous = load_previous(final)  # what the last bundle of this recipe offers
-            digest_memo = DigestMemo(memo_file(opts.fetch.cache_dir, recipe.path), fresh_under=[tmp])
+            digest_memo = DigestMemo(memo_file(opts.fetch.cache_dir, final), fresh_under=[tmp])
             cust = Customiser(
                 recipe,
                 plan,

@@ -1,10 +1,10 @@
 """sha256 of the host files a build writes into the images (overlays, files), remembered between
-builds of a recipe while each file is provably the same: same path, size, mtime, ctime and
+builds of a bundle while each file is provably the same: same path, size, mtime, ctime and
 inode. The ctime cannot be set back by a user, so a file rewritten and re-dated to its old mtime
 is hashed again. Files under the build's own temp folder (staged app trees, rendered templates)
 are always hashed: they are new each time.
 
-One JSON file per recipe in CACHE/stat/; it holds what the last build used, nothing more.
+One JSON file per bundle (OUTPUT/<name>) in CACHE/stat/; it holds what the last build used.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from builder.pool import worker_pool
 Signature = list[int]  # size, mtime_ns, ctime_ns, inode, device
 
 
-def memo_file(cache_dir: Path, recipe_path: Path) -> Path:
-    return cache_dir / "stat" / f"sources-{text_key(str(recipe_path.resolve()))[:24]}.json"
+def memo_file(cache_dir: Path, bundle: Path) -> Path:
+    """The memo of the builds of one bundle (OUTPUT/<name>): the same recipe, edited or not."""
+    return cache_dir / "stat" / f"sources-{text_key(str(bundle.resolve()))[:24]}.json"
 
 
 def _signature(path: Path) -> Signature:

@@ -506,8 +506,9 @@ class Customiser:
         return self.limits.get(part.label.upper(), part.size_sectors * SECTOR)
 
     def finish(self, *, shrink: bool) -> dict[str, JoinedImage | EarlierPartition]:
-        """Apply every batch to a work copy of its image; return what each changed partition is:
-        the edited image, or the last build's result of the very same edits (builder.previous)."""
+        """Apply every batch; return what each changed partition is: the edited image (a copy of
+        the vendor's, or for a small edit the cached image itself, put back after packing), or
+        the last build's result of the very same edits (builder.previous)."""
         self._clear_overlay_shadows()
         self._check_budget()  # before hashing what is added: a too-big input fails at once
         self._hash_sources()

@@ -23,6 +23,7 @@ TOOL_PACKAGES: dict[str, str] = {
     "resize2fs": "e2fsprogs",
     "dumpe2fs": "e2fsprogs",
     "tune2fs": "e2fsprogs",
+    "e2undo": "e2fsprogs",
     "mcopy": "mtools",
     "mdir": "mtools",
     "mtype": "mtools",

@@ -26,6 +26,7 @@ from builder.package.chunks import JoinedImage, default_workers
 from builder.package.flashplan import SECTOR, FileSet, FlashPlan, PartitionFlash
 from builder.previous import EarlierPartition, PreviousBuild, edit_fingerprint
 from builder.recipe import Owner, Recipe
+from builder.run import find_tool
 from builder.units import format_size
 
 ROOTFS = "ROOTFS"
@@ -570,6 +571,7 @@ class Customiser:
             and need.inodes <= info.free_inodes
             and info.state == "clean"
             and not info.features & {"needs_recovery", "quota", "project"}
+            and find_tool("e2undo") is not None
         )
 
     def _hash_sources(self) -> None:

@@ -3,15 +3,17 @@ the same edits spelled out for the vendor-style baseline.
 
 The recipe and the baseline must do the same work, so both are generated here from one
 description. `payload_section()` is the one place that says how the app payload enters the
-recipe: today an overlay laid out like the device (`payload/data/app/...`); when the recipe's
-`apps:` section lands, return that section instead and keep the rest.
+recipe: an `apps:` entry, from archives made once out of the payload folder
+(`payload/data/app/...`), which the baseline copies as it is.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,11 +36,82 @@ FILES: tuple[tuple[str, str, int, tuple[int, int]], ...] = (
 
 
 def payload_section(payload_root: Path) -> dict[str, Any]:
-    """How the app payload enters the recipe (switch to `apps:` here when it lands)."""
-    return {"overlays": [{"path": str(payload_root), "owner": "linaro:linaro"}]}
+    """The app payload as the recipe's `apps:` entry: its code as a source tarball (stripped of
+    its top folder, like a GitHub archive) and its weights as a model archive unpacked into
+    models/, owned by linaro, at /data/app. The archives are made once from the payload folder."""
+    source, models = app_archives(payload_root)
+    return {
+        "apps": {
+            "app": {
+                "path": "/data/app",
+                "owner": "linaro:linaro",
+                "source": {"path": str(source), "sha256": _sha256(source), "strip_components": 1},
+                "models": [{"path": str(models), "sha256": _sha256(models), "extract": "models/"}],
+            }
+        }
+    }
 
 
-PAYLOAD_FORM = "overlays: a folder laid out like the device (payload/data/app/...), owner linaro:linaro"
+PAYLOAD_FORM = (
+    "apps: the code as a source tarball (app-src.tar.gz, top folder stripped) and the weights as a "
+    "model archive unpacked into models/, at /data/app, owner linaro:linaro"
+)
+
+
+def app_archives(payload_root: Path) -> tuple[Path, Path]:
+    """app-src.tar.gz (everything but models/, under a top folder) and models.tar (models/'s
+    content), beside the payload folder; made once, deterministically (sorted, owner 0, mtime 0)."""
+    app = payload_root / "data" / "app"
+    folder = payload_root.parent / "app-archives"
+    source, models = folder / "app-src.tar.gz", folder / "models.tar"
+    if not (source.is_file() and models.is_file()):
+        folder.mkdir(parents=True, exist_ok=True)
+        _tar(
+            source.with_suffix(".partial"),
+            [
+                (p, "app-1.0/" + p.relative_to(app).as_posix())
+                for p in _walk(app)
+                if p.relative_to(app).parts[0] != "models"
+            ],
+            gz=True,
+        )
+        _tar(
+            models.with_suffix(".partial"),
+            [(p, p.relative_to(app / "models").as_posix()) for p in _walk(app / "models")],
+            gz=False,
+        )
+        source.with_suffix(".partial").rename(source)
+        models.with_suffix(".partial").rename(models)
+    return source, models
+
+
+def _walk(top: Path) -> list[Path]:
+    out = []
+    for dirpath, dirs, names in os.walk(top):
+        dirs.sort()
+        out += [Path(dirpath) / n for n in sorted(names)]
+    return out
+
+
+def _tar(dest: Path, members: list[tuple[Path, str]], *, gz: bool) -> None:
+    with tarfile.open(dest, "w:gz" if gz else "w", format=tarfile.PAX_FORMAT) as tar:
+        for path, name in members:
+            if path.is_symlink() or not path.is_file():
+                continue
+            info = tar.gettarinfo(str(path), arcname=name)
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            info.mtime = 0
+            with open(path, "rb") as f:
+                tar.addfile(info, f)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def network(variant: int) -> dict[str, Any]:

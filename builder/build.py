@@ -119,6 +119,7 @@ def build(
                 digest_memo=digest_memo,
             )
             cust.fetch_opts = opts.fetch
+            cust.stage_cache = opts.fetch.cache_dir / "apps" if opts.image_cache else None
             cleanup.callback(cust.close)
             if recipe.apps:
                 with reporter.step("app budget"):

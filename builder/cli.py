@@ -484,12 +484,14 @@ def _cache_dir_option(f: Callable[..., Any]) -> Callable[..., Any]:
 def cache_list_cmd(ctx: click.Context, cache_dir: Path | None) -> None:
     """List cached inputs: size, sha256, last use, URLs."""
     from builder.cache import cache_list, default_cache_dir
+    from builder.customise.stagecache import tree_entries
     from builder.imagecache import image_entries
     from builder.redact import redact_url
 
     root = cache_dir or default_cache_dir()
     entries = cache_list(root)
     images = image_entries(root)
+    trees = tree_entries(root)
     if (ctx.find_root().obj or {}).get("json"):
         for i in images:
             click.echo(
@@ -521,6 +523,14 @@ def cache_list_cmd(ctx: click.Context, cache_dir: Path | None) -> None:
                     default=str,
                 )
             )
+        for tree, app, size, used in trees:
+            click.echo(
+                json.dumps(
+                    {"event": "cache-tree", "path": str(tree), "app": app, "disk_bytes": size}
+                    | {"last_used": used},
+                    sort_keys=True,
+                )
+            )
         return
     total = 0
     for e in entries:
@@ -531,7 +541,10 @@ def cache_list_cmd(ctx: click.Context, cache_dir: Path | None) -> None:
     for i in images:
         total += i.disk_bytes
         click.echo(f"image {i.disk_bytes:>14,}  {i.path.stem[:16]}  {i.last_used}  joined {i.label}")
-    click.echo(f"{len(entries) + len(images)} entries, {total:,} bytes in {root}")
+    for tree, app, size, used in trees:
+        total += size
+        click.echo(f"tree  {size:>14,}  {tree.parent.name[:16]}  {used}  staged app {app}")
+    click.echo(f"{len(entries) + len(images) + len(trees)} entries, {total:,} bytes in {root}")
 
 
 def parse_age(text: str) -> Any:
@@ -551,17 +564,20 @@ def parse_age(text: str) -> Any:
 @click.pass_context
 @guarded
 def cache_prune_cmd(ctx: click.Context, cache_dir: Path | None, older_than: str | None) -> None:
-    """Delete cached inputs and joined images (all, or those unused for --older-than)."""
+    """Delete cached inputs, joined images and staged app trees (all, or those unused for --older-than)."""
     import time
 
     from builder.cache import cache_prune, default_cache_dir
+    from builder.customise.stagecache import prune_trees
     from builder.imagecache import prune_images
 
     root = cache_dir or default_cache_dir()
     age = parse_age(older_than) if older_than else None
     res = cache_prune(root, age)
-    files, freed = prune_images(root, time.time() - age.total_seconds() if age is not None else None)
-    click.echo(f"removed {res.files + files} files, {res.bytes + freed:,} bytes")
+    cutoff = time.time() - age.total_seconds() if age is not None else None
+    files, freed = prune_images(root, cutoff)
+    trees, tree_bytes = prune_trees(root, cutoff)
+    click.echo(f"removed {res.files + files + trees} files, {res.bytes + freed + tree_bytes:,} bytes")
 
 
 register_card_commands(main, guarded, _reporter)

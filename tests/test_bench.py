@@ -57,3 +57,26 @@ def test_recipe_and_baseline_describe_the_same_work(tmp_path: Path) -> None:
         "/app/models/m.bmodel",
         "/app/VERSION",
     }
+
+
+def test_the_recipe_puts_the_payload_where_the_baseline_does(
+    vendor_package: vf.MiniPackage, tmp_path: Path
+) -> None:
+    """The benchmark recipe (the payload as an `apps:` entry) and the baseline's copies agree:
+    the same files with the same bytes in DATA."""
+    payload = _payload(tmp_path / "payload")
+    recipe = workload.write_recipe(tmp_path / "bench.yaml", vendor_package.dir, payload, 0)
+    res = cli("--quiet", "build", recipe, "-o", tmp_path / "out", "--cache-dir", tmp_path / "cache")
+    assert res.returncode == 0, res.stderr
+    parts = tmp_path / "parts"
+    check = cli(
+        "verify", tmp_path / "out" / workload.NAME, "--simulate", tmp_path / "emmc.img", "--extract", parts
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    for e in workload.baseline_edits(payload, 0):
+        if e.partition == "DATA" and e.kind == "file":
+            got = subprocess.run(
+                ["debugfs", "-R", f"cat {e.path}", str(parts / "DATA.img")], capture_output=True, check=True
+            ).stdout
+            want = e.src.read_bytes() if e.src is not None else (e.text or "").encode()
+            assert got == want, e.path

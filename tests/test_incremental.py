@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -357,3 +358,55 @@ def test_a_build_failing_mid_edit_drops_the_image_it_was_editing(make_vendor_pac
     res = run_build(second, out, cache)
     assert "ROOTFS" in {e.label for e in image_entries(cache)}
     _same_bundle(res.out_dir, _from_scratch(second, tmp_path))
+
+
+def test_a_staged_app_tree_is_kept_and_taken_by_the_next_build(tmp_path: Path) -> None:
+    """The demo app (source, split model archive, single-file model, offline wheels): the
+    second build takes the staged tree from the cache; both equal builds from nothing; a new
+    source archive stages a new tree."""
+    import yaml
+
+    from builder.customise.stagecache import tree_entries
+
+    demo = Path(__file__).resolve().parents[1] / "recipes"
+    doc = yaml.safe_load((demo / "demo.yaml").read_text())
+    pkg = tmp_path / "vendor"
+    vf.build_package(pkg)
+    work = tmp_path / "recipes"
+    shutil.copytree(demo / "demo", work / "demo")
+    shutil.copytree(demo.parent / "overlays", tmp_path / "overlays")
+    doc["base"] = {"path": str(pkg / "sdcard")}
+    first = work / "demo.yaml"
+    first.write_text(yaml.safe_dump(doc, sort_keys=False))
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    run_build(first, out, cache)
+    (tree,) = tree_entries(cache)
+    stamp = tree[0].stat().st_mtime_ns
+    doc["hostname"] = "another-box"
+    second = work / "demo2.yaml"
+    second.write_text(yaml.safe_dump(doc, sort_keys=False))
+    res = run_build(second, out, cache)
+    assert [t[0] for t in tree_entries(cache)] == [tree[0]] and tree[0].stat().st_mtime_ns == stamp
+    _same_bundle(res.out_dir, _from_scratch(second, tmp_path))
+    assert res.report["apps"] and res.report["apps"][0]["python_packages"] > 0
+
+
+def test_prune_removes_staged_trees_and_killed_stagings(tmp_path: Path) -> None:
+    from builder.customise.stagecache import cached_tree, prune_trees, tree_entries
+
+    root = tmp_path / "cache" / "apps"
+
+    def stage(tree: Path) -> dict[str, object]:
+        (tree / "bin").mkdir(parents=True)
+        (tree / "bin" / "app").write_bytes(b"x" * 10_000)
+        return {"python_packages": 0}
+
+    tree, meta = cached_tree(root, "k1", "app", stage)
+    assert (tree / "bin" / "app").is_file() and meta["app"] == "app"
+    again, _ = cached_tree(root, "k1", "app", lambda t: pytest.fail("staged twice"))  # type: ignore[arg-type,return-value]
+    assert again == tree
+    (root / "k2.partial-999999" / "tree").mkdir(parents=True)  # killed while staging
+    assert prune_trees(tmp_path / "cache", time.time() - 86400)[0] == 1  # the killed one only
+    assert len(tree_entries(tmp_path / "cache")) == 1
+    files, freed = prune_trees(tmp_path / "cache", None)
+    assert files == 1 and freed >= 10_000 and tree_entries(tmp_path / "cache") == []

@@ -7,6 +7,7 @@ debugfs batch as the rest of the partition's edits, owned by the app's owner.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import Mapping
@@ -14,10 +15,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from builder.cache import Cache, read_json, write_json_atomic
 from builder.customise.budget import AppBudget, InputSize, check_budget, estimate_app_bytes
 from builder.customise.context import Customiser
 from builder.customise.extract import extract_archive, unpacked_size
 from builder.customise.pyenv import PipIndex, Target, download_wheels, estimate_python_tree, install_wheels
+from builder.customise.stagecache import cached_tree, stage_key
 from builder.customise.unit import render_app_unit
 from builder.errors import BuildError
 from builder.fetch import FetchOptions, head_size
@@ -57,7 +60,7 @@ def check_app_budget(c: Customiser, opts: FetchOptions) -> list[AppBudget]:
             size = head_size(spec, opts)
             if spec in archives and spec.path is not None and spec.path.is_file():
                 strip = app.source.strip_components if app.source and spec == app.source.input else 0
-                sizes[spec] = InputSize(size, unpacked_size(spec.path, strip_components=strip)[0])
+                sizes[spec] = InputSize(size, _unpacked_bytes(spec.path, strip, opts.cache_dir))
             else:
                 sizes[spec] = size
         python = None
@@ -73,6 +76,20 @@ def check_app_budget(c: Customiser, opts: FetchOptions) -> list[AppBudget]:
     return [b for bs in by_label.values() for b in bs]
 
 
+def _unpacked_bytes(archive: Path, strip: int, cache_dir: Path) -> int:
+    """What the archive unpacks to; remembered by its sha256 (listing a tarball reads all of it)."""
+    cache = Cache(cache_dir)
+    memo = cache.root / "stat" / f"unpacked-{cache.digests_of(archive).sha256}-{strip}.json"
+    known = read_json(memo)
+    if known is not None and isinstance(known.get("bytes"), int):
+        return int(known["bytes"])
+    size = unpacked_size(archive, strip_components=strip)[0]
+    with contextlib.suppress(OSError):
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(memo, {"bytes": size})
+    return size
+
+
 def apps(c: Customiser) -> None:
     for app in c.recipe.apps:
         c.app_results.append(_install_app(c, app))
@@ -81,44 +98,20 @@ def apps(c: Customiser) -> None:
 def _install_app(c: Customiser, app: App) -> AppResult:
     uid, gid = c.owner(app.owner, app.where)
     root = c.work / "apps" / app.name
-    stage = root / "tree"
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)
-    _mkdirs(stage)
-    if app.source is not None:
-        extract_archive(
-            _fetched(c, app.source.input),
-            stage,
-            strip_components=app.source.strip_components,
-            where=app.source.where,
-        )
     single_models: list[tuple[str, Path]] = []
     for model in app.models:
-        src = _fetched(c, model.input)
-        if model.dest is not None:
-            # written straight from the cache (no copy); its folder is staged so it gets the owner
-            _mkdirs((stage / model.dest).parent)
-            single_models.append((app.device_path(model.dest), src))
-        else:
-            assert model.extract is not None
-            into = stage / model.extract
-            _mkdirs(into)
-            extract_archive(src, into, strip_components=model.strip_components, where=model.where)
-    packages = 0
-    if app.python is not None:
-        py = app.python
-        opts: FetchOptions = c.fetch_opts
-        if py.wheels:  # a local wheelhouse is matched by sha256 like an --input-dir, offline too
-            opts = replace(opts, input_dirs=(*opts.input_dirs, py.wheels))
-        wheels = download_wheels(
-            py.lock, py.platform, py.python, root / "wheels", opts, index=pip_index(py), where=py.where
-        )
-        _mkdirs(stage / py.target)
-        install_wheels(wheels, stage / py.target, target=Target(py.python, py.platform), where=py.where)
-        packages = len(wheels)
-    for d in app.dirs:
-        _mkdirs(stage / d)
+        if model.dest is not None:  # written straight from the cache (no copy)
+            single_models.append((app.device_path(model.dest), _fetched(c, model.input)))
+    if c.stage_cache is not None:  # the same inputs stage the same tree: kept between builds
+        key = stage_key(app, lambda spec: _fetched(c, spec), Cache(c.fetch_opts.cache_dir))
+        stage, info = cached_tree(c.stage_cache, key, app.name, lambda tree: _stage(c, app, tree, root))
+    else:
+        stage = root / "tree"
+        info = _stage(c, app, stage, root)
+    packages = int(info.get("python_packages", 0))
     files, size = _tree_size(stage)
     label = c.copy_tree(app.path, stage, uid=uid, gid=gid, origin=app.where, files=files, size=size)
     for device, src in single_models:
@@ -133,6 +126,44 @@ def _install_app(c: Customiser, app: App) -> AppResult:
             c.symlink(unit.enable_link, unit.enable_target, uid=0, gid=0, origin=origin)
         unit_name, port = unit.name, unit.port
     return AppResult(app.name, app.path, label, files, size, unit_name, port, packages)
+
+
+def _stage(c: Customiser, app: App, stage: Path, root: Path) -> dict[str, Any]:
+    """Stage the app's tree at `stage`: source, unpacked models, folders of single-file models,
+    the Python tree, the empty folders. Returns what the report needs from it."""
+    _mkdirs(stage)
+    if app.source is not None:
+        extract_archive(
+            _fetched(c, app.source.input),
+            stage,
+            strip_components=app.source.strip_components,
+            where=app.source.where,
+        )
+    for model in app.models:
+        if model.dest is not None:  # its folder is staged so it gets the owner
+            _mkdirs((stage / model.dest).parent)
+        else:
+            assert model.extract is not None
+            into = stage / model.extract
+            _mkdirs(into)
+            extract_archive(
+                _fetched(c, model.input), into, strip_components=model.strip_components, where=model.where
+            )
+    packages = 0
+    if app.python is not None:
+        py = app.python
+        opts: FetchOptions = c.fetch_opts
+        if py.wheels:  # a local wheelhouse is matched by sha256 like an --input-dir, offline too
+            opts = replace(opts, input_dirs=(*opts.input_dirs, py.wheels))
+        wheels = download_wheels(
+            py.lock, py.platform, py.python, root / "wheels", opts, index=pip_index(py), where=py.where
+        )
+        _mkdirs(stage / py.target)
+        install_wheels(wheels, stage / py.target, target=Target(py.python, py.platform), where=py.where)
+        packages = len(wheels)
+    for d in app.dirs:
+        _mkdirs(stage / d)
+    return {"python_packages": packages}
 
 
 def _mkdirs(path: Path) -> None:

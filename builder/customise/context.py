@@ -131,6 +131,7 @@ class Customiser:
         self.after_apply: list[Callable[[], None]] = []
         self.app_results: list[Any] = []
         self.fetch_opts: Any = None  # FetchOptions, for steps that download (app wheels)
+        self.stage_cache: Path | None = None  # CACHE/apps: staged app trees kept between builds
 
     # ------------------------------------------------------------------ images
 

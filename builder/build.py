@@ -47,7 +47,7 @@ class BuildOptions:
     epoch: int | None = None  # SOURCE_DATE_EPOCH, when set
     image: bool | None = None  # also write <name>.img; None: as the recipe's output.image says
     zip: bool | None = None  # also write <name>.zip; None: as the recipe's output.zip says
-    image_cache: bool = True  # keep joined vendor partitions in the cache (builder.imagecache)
+    image_cache: bool = True  # keep joined vendor partitions and staged app trees in the cache
 
 
 @dataclass(frozen=True)

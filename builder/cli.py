@@ -254,7 +254,7 @@ def _fetch_event(reporter: Any, ev: dict[str, Any]) -> None:
     "--image-cache/--no-image-cache",
     default=True,
     show_default=True,
-    help="Keep the joined vendor partitions in the cache (CACHE/images) for the next build.",
+    help="Keep the joined vendor partitions and staged app trees in the cache for the next build.",
 )
 @fetch_options
 @click.pass_context

@@ -9,7 +9,6 @@ recipe: an `apps:` entry, from archives made once out of the payload folder
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat
@@ -18,6 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from builder.manifest import file_digest
 
 NAME = "bench"
 LINARO = (1000, 1000)
@@ -45,8 +46,8 @@ def payload_section(payload_root: Path) -> dict[str, Any]:
             "app": {
                 "path": "/data/app",
                 "owner": "linaro:linaro",
-                "source": {"path": str(source), "sha256": _sha256(source), "strip_components": 1},
-                "models": [{"path": str(models), "sha256": _sha256(models), "extract": "models/"}],
+                "source": {"path": str(source), "sha256": file_digest(source), "strip_components": 1},
+                "models": [{"path": str(models), "sha256": file_digest(models), "extract": "models/"}],
             }
         }
     }
@@ -104,14 +105,6 @@ def _tar(dest: Path, members: list[tuple[Path, str]], *, gz: bool) -> None:
             info.mtime = 0
             with open(path, "rb") as f:
                 tar.addfile(info, f)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def network(variant: int) -> dict[str, Any]:

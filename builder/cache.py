@@ -414,7 +414,7 @@ class Cache:
         """
         blob = self.blob_path(digests.sha256)
         blob.parent.mkdir(parents=True, exist_ok=True)
-        _fsync(src)
+        fsync_path(src)
         with self.lock(f"blob-{digests.sha256}"):
             now = time.time()
             meta = read_json(self.meta_path(digests.sha256)) or {
@@ -595,7 +595,7 @@ def _entry_from_meta(blob: Path, meta: dict[str, Any]) -> CacheEntry:
     )
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -9,7 +9,8 @@ Layout under the cache root::
 
 `key` names the vendor's chunks without reading them (builder.package.source member_identity:
 the input's path, size, mtime and inode): a changed package is a new key. A build reads the
-cached image (stat, cat, ls) and edits a sparse copy of it, so the cached one stays the vendor's.
+cached image (stat, cat, ls) and edits a sparse copy of it, or, for a small edit, the cached
+image itself with undo files, put back and checked after packing (ImageCache.writable/restore).
 Each partition label keeps its KEEP_PER_LABEL most recently used images; `cache prune` drops the rest.
 """
 
@@ -27,10 +28,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from builder.cache import file_lock, read_json, try_file_lock, write_json_atomic
-from builder.errors import BuildError
+from builder.cache import file_lock, fsync_path, read_json, try_file_lock, write_json_atomic
+from builder.errors import AirboxError, BuildError
 from builder.fs.ext4 import Ext4Image
-from builder.package.chunks import JoinedImage, Progress, default_workers, join_partition, pwrite_all
+from builder.package.chunks import (
+    JoinedImage,
+    Progress,
+    default_workers,
+    hash_region,
+    join_partition,
+    pwrite_sparse,
+)
 from builder.package.flashplan import SECTOR, PartitionFlash
 from builder.package.source import PackageSource
 from builder.pool import check_cancelled, worker_pool
@@ -154,7 +162,8 @@ class ImageCache:
             fcntl.flock(fd, fcntl.LOCK_SH)
             return False
         meta_path.unlink()
-        _fsync_dir(meta_path.parent)
+        with contextlib.suppress(OSError):
+            fsync_path(meta_path.parent)
         self._editing[key] = meta
         return True
 
@@ -171,11 +180,11 @@ class ImageCache:
             fd = os.open(base.path, os.O_RDONLY)
             try:
                 for (off, n), digest in zip(base.chunk_ranges, base.chunk_digests, strict=True):
-                    if seen.get((off, n)) != digest and _hash_range(fd, off, n) != digest:
+                    if seen.get((off, n)) != digest and hash_region(fd, off, n) != digest:
                         raise BuildError(f"bytes {off}+{n} differ from the vendor's chunk after e2undo")
             finally:
                 os.close(fd)
-        except (BuildError, OSError) as e:
+        except (AirboxError, OSError) as e:
             log.warning(
                 "partition %s: the cached image could not be restored (%s); it is dropped", base.label, e
             )
@@ -253,9 +262,7 @@ class ImageCache:
                 "size": joined.size,
                 "chunk_digests": list(joined.chunk_digests),
                 "chunks": [c.file for c in part.chunks],
-                "chunk_ranges": [  # byte offset and length of each chunk in the image
-                    [(c.offset_sectors - part.offset_sectors) * SECTOR, c.unzip_bytes] for c in part.chunks
-                ],
+                "chunk_ranges": [list(r) for r in _ranges(part)],  # offset, length of each chunk
                 "package": files.describe(),
                 "created": now,
                 "last_used": now,
@@ -296,27 +303,6 @@ def _ranges(part: PartitionFlash) -> tuple[tuple[int, int], ...]:
         ((c.offset_sectors - part.offset_sectors) * SECTOR, c.unzip_bytes or c.count_sectors * SECTOR)
         for c in part.chunks
     )
-
-
-def _hash_range(fd: int, offset: int, length: int) -> str:
-    h = hashlib.sha256()
-    pos = 0
-    while pos < length:
-        buf = os.pread(fd, min(4 << 20, length - pos), offset + pos)
-        if not buf:
-            break
-        h.update(buf)
-        pos += len(buf)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _metas(root: Path) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -449,6 +435,5 @@ def _copy_piece(fi: int, fo: int, offset: int, length: int) -> None:
         buf = os.pread(fi, min(4 << 20, length - done), offset + done)
         if not buf:
             raise OSError(f"short read at byte {offset + done}")
-        if buf.count(0) != len(buf):
-            pwrite_all(fo, buf, offset + done)
+        pwrite_sparse(fo, buf, offset + done)
         done += len(buf)

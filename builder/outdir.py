@@ -200,7 +200,7 @@ def disk_full_error(e: BaseException, tmp: Path, places: Sequence[Path]) -> Buil
     """Name the disk that filled up, what the build had written, and where to build instead."""
     filename = _failed_file(e)
     place, free, total = _fullest(places, filename)
-    written = format_size(_tree_bytes(tmp))
+    written = format_size(tree_bytes(tmp))
     what = _first_line(e)
     if filename and filename not in what:
         what = f"{filename}: {what}"
@@ -284,7 +284,8 @@ def _existing(path: Path) -> Path | None:
     return None
 
 
-def _tree_bytes(top: Path) -> int:
+def tree_bytes(top: Path) -> int:
+    """Bytes a folder's files take on disk (sparse files count what they hold)."""
     total = 0
     for dirpath, _dirs, files in os.walk(top):
         for f in files:

@@ -59,6 +59,13 @@ def cli(
     )
 
 
+def flip_middle_byte(path: Path) -> None:
+    """Damage a file in its middle (a gzip chunk keeps its frame and size trailer)."""
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

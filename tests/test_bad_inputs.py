@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import vendor_fixture as vf
 import yaml
-from buildhelp import cli, mkimage_script, refresh_md5
+from buildhelp import cli, flip_middle_byte, mkimage_script, refresh_md5
 from httpserver import LocalHTTPServer
 
 SCREEN_LINES = 15  # what "one screen" means here: lines on stderr ...
@@ -114,10 +114,7 @@ def truncate_chunk(pkg: Path) -> None:
 
 
 def corrupt_chunk(pkg: Path) -> None:
-    chunk = pkg / "opt.2-of-5.gz"
-    raw = bytearray(chunk.read_bytes())
-    raw[len(raw) // 2] ^= 0xFF
-    chunk.write_bytes(bytes(raw))
+    flip_middle_byte(pkg / "opt.2-of-5.gz")
     refresh_md5(pkg)
 
 
@@ -337,10 +334,7 @@ def corrupt_chunk_in_an_edited_partition(env: Env) -> list[str | Path]:
 def corrupt_chunk_in_an_untouched_partition(env: Env) -> list[str | Path]:
     """Damaged after the vendor wrote md5.txt (in transit), in a partition the recipe leaves
     alone: its gzip frame and size trailer are intact, so only its md5 tells."""
-    chunk = env.pkg / "opt.2-of-5.gz"
-    raw = bytearray(chunk.read_bytes())
-    raw[len(raw) // 2] ^= 0xFF
-    chunk.write_bytes(bytes(raw))
+    flip_middle_byte(env.pkg / "opt.2-of-5.gz")  # md5.txt left as the vendor wrote it
     return env.build_pkg(files=[{"path": "/data/notes.txt", "content": "x\n"}])
 
 

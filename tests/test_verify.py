@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import vendor_fixture as vf
-from buildhelp import cli, mkimage_script, refresh_md5
+from buildhelp import cli, flip_middle_byte, mkimage_script, refresh_md5
 
 
 def _rewrite_script(pkg: Path, name: str, fn: Callable[[str], str]) -> None:
@@ -134,10 +134,7 @@ def bad_fat_name(d: Path) -> None:
 
 
 def corrupt_chunk(d: Path) -> None:
-    p = d / "opt.2-of-5.gz"
-    raw = bytearray(p.read_bytes())
-    raw[len(raw) // 2] ^= 0xFF
-    p.write_bytes(bytes(raw))
+    flip_middle_byte(d / "opt.2-of-5.gz")
     refresh_md5(d)
 
 

@@ -29,6 +29,7 @@ from typing import Any
 
 from builder import __version__
 from builder.cache import Cache, file_lock, read_json, try_file_lock, write_json_atomic
+from builder.outdir import tree_bytes
 from builder.recipe import App
 
 STAGE_VERSION = 1
@@ -115,13 +116,9 @@ def _remove(root: Path, key: str) -> int:
         if not free:
             return 0
         (root / f"{key}.json").unlink(missing_ok=True)
-        freed = _tree_bytes(root / key)
+        freed = tree_bytes(root / key)
         shutil.rmtree(root / key, ignore_errors=True)
         return freed
-
-
-def _tree_bytes(top: Path) -> int:
-    return sum(p.stat().st_blocks * 512 for p in top.rglob("*") if p.is_file() and not p.is_symlink())
 
 
 def tree_entries(cache_dir: Path) -> list[tuple[Path, str, int, float]]:
@@ -132,7 +129,7 @@ def tree_entries(cache_dir: Path) -> list[tuple[Path, str, int, float]]:
         meta = read_json(meta_file)
         tree = root / meta_file.stem / "tree"
         if meta is not None and tree.is_dir():
-            out.append((tree, str(meta.get("app")), _tree_bytes(tree), float(meta.get("last_used", 0))))
+            out.append((tree, str(meta.get("app")), tree_bytes(tree), float(meta.get("last_used", 0))))
     return out
 
 
@@ -150,7 +147,7 @@ def prune_trees(cache_dir: Path, cutoff: float | None) -> tuple[int, int]:
         key = partial.name.split(".", 1)[0]
         with try_file_lock(root / f"{key}.lock") as free:
             if free:
-                freed += _tree_bytes(partial)
+                freed += tree_bytes(partial)
                 shutil.rmtree(partial, ignore_errors=True)
                 files += 1
     return files, freed

@@ -56,7 +56,7 @@ def _decompress_chunk(
     def emit(data: bytes) -> None:
         nonlocal written
         if data:
-            _write_sparse(out_fd, data, offset + written)
+            pwrite_sparse(out_fd, data, offset + written)
             h.update(data)
             written += len(data)
             if progress:
@@ -85,7 +85,7 @@ def _decompress_chunk(
             if d is not None:
                 tail = d.flush()
                 if tail:
-                    _write_sparse(out_fd, tail, offset + written)
+                    pwrite_sparse(out_fd, tail, offset + written)
                     h.update(tail)
                     written += len(tail)
                 if not d.eof:
@@ -105,7 +105,7 @@ def _decompress_chunk(
     return h.hexdigest()
 
 
-def _write_sparse(fd: int, data: bytes, offset: int) -> None:
+def pwrite_sparse(fd: int, data: bytes, offset: int) -> None:
     """Write `data` at `offset`, leaving all-zero pieces as holes."""
     view = memoryview(data)
     for start in range(0, len(view), 1 << 20):
@@ -305,7 +305,7 @@ def copy_vendor(files: FileSet, name: str, dest: Path, pool: ChunkPool | None = 
         shutil.copyfileobj(src, dst, PIECE)
 
 
-def _hash_region(fd: int, offset: int, length: int) -> str:
+def hash_region(fd: int, offset: int, length: int) -> str:
     h = hashlib.sha256()
     pos = 0
     while pos < length:
@@ -366,7 +366,7 @@ def pack_partition(
     def one(k: int) -> PackedChunk:
         off, length = ranges[k]
         name = f"{stem}.{k + 1}-of-{total}.gz"
-        digest = _hash_region(fd, off, length)
+        digest = hash_region(fd, off, length)
         nc = NewChunk(
             file=name,
             unzip_bytes=length,

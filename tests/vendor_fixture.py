@@ -638,6 +638,8 @@ class PackageOptions:
     # label -> KiB of free space left after resize2fs -M (on multi-GB flex_bg file systems the
     # vendor's resize2fs -M leaves hundreds of MB free; the miniature ones come out full)
     slack_kb: Mapping[str, int] = field(default_factory=dict)
+    # label -> a partition image made elsewhere (tests/vm_fixture.py: a real arm64 userland), used as is
+    prebuilt_images: Mapping[str, Path] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- results
@@ -944,6 +946,10 @@ def _shadow_entries(opts: PackageOptions) -> dict[str, Node]:
 def build_image(spec: PartSpec, index: int, opts: PackageOptions, images: Path, work: Path) -> Path:
     image = images / f"{spec.name}.img"
     size = spec.size_kb * 1024
+    prebuilt = {k.upper(): v for k, v in opts.prebuilt_images.items()}.get(spec.label.upper())
+    if prebuilt is not None:
+        sh(["cp", "--sparse=always", prebuilt, image])
+        return image
     rng = random.Random(f"fs:{opts.seed}:{index}:{spec.label}")
     if spec.fmt == FMT_EXT4:
         make_ext4(

@@ -23,7 +23,10 @@ import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests import vendor_fixture as vf
+try:
+    import vendor_fixture as vf  # pytest puts tests/ on sys.path
+except ImportError:  # python -m tests.vm_fixture
+    from tests import vendor_fixture as vf  # type: ignore[no-redef]
 
 SUITE = "bookworm"
 PACKAGES = (

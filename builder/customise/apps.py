@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -17,13 +18,14 @@ from typing import Any
 
 from builder.cache import Cache, read_json, write_json_atomic
 from builder.customise.budget import AppBudget, InputSize, check_budget, estimate_app_bytes
-from builder.customise.context import Customiser
+from builder.customise.context import OVERLAY_UPPER, ROOTFS, ROOTFS_RW, Customiser
 from builder.customise.extract import extract_archive, unpacked_size
 from builder.customise.pyenv import PipIndex, Target, download_wheels, estimate_python_tree, install_wheels
 from builder.customise.stagecache import cached_tree, stage_key
 from builder.customise.unit import render_app_unit
-from builder.errors import BuildError
+from builder.errors import BuildError, RecipeError
 from builder.fetch import FetchOptions, head_size
+from builder.fs.ext4 import FileType
 from builder.inputs import InputSpec
 from builder.recipe import App, AppPython
 
@@ -48,8 +50,54 @@ def pip_index(py: AppPython) -> PipIndex:
     )
 
 
+def image_python(c: Customiser) -> str | None:
+    """The X.Y of the image's `python3` (the box's view: overlay upper layer first), from the
+    /usr/bin/python3 link (python3 -> python3.8) or, for a plain file, the one python3.X beside it."""
+    for label, prefix in ((ROOTFS_RW, OVERLAY_UPPER), (ROOTFS, "")):
+        if label == ROOTFS_RW and not (c.has_partition(ROOTFS_RW) and c.partition(ROOTFS_RW).chunks):
+            continue
+        img = c.image(label)
+        for d in ("/usr/bin", "/bin"):
+            st = img.stat(f"{prefix}{d}/python3")
+            if st is None or st.is_whiteout:
+                continue
+            if st.type == FileType.SYMLINK:
+                m = re.search(r"python(\d+\.\d+)$", img.readlink(f"{prefix}{d}/python3"))
+                if m:
+                    return m[1]
+            names = [n for n in img.listdir(f"{prefix}{d}") if re.fullmatch(r"python3\.\d+", n)]
+            if len(names) == 1:
+                return names[0][len("python") :]
+    return None
+
+
+def check_app_python(c: Customiser) -> None:
+    """An environment built for another Python than the image's python3 cannot import: refuse it."""
+    wanted = [app for app in c.recipe.apps if app.python is not None]
+    if not wanted:
+        return
+    have = image_python(c)
+    for app in wanted:
+        assert app.python is not None
+        target = ".".join(app.python.python.split(".")[:2])
+        if have is None:
+            raise RecipeError(
+                f"app {app.name}: the image has no python3 to run its Python {app.python.python} environment",
+                where=app.python.where,
+                hint="use a vendor package with python3, or drop `python:` from the app",
+            )
+        if target != have:
+            raise RecipeError(
+                f"app {app.name}: its Python environment is for Python {app.python.python}, but the image's "
+                f"python3 is Python {have}: compiled wheels would not import",
+                where=app.python.where,
+                hint=f"set `python: \"{have}\"` (and re-lock: airbox-build lock RECIPE --update-python)",
+            )
+
+
 def check_app_budget(c: Customiser, opts: FetchOptions) -> list[AppBudget]:
     """Before any download: source + models + Python tree against what each partition can hold."""
+    check_app_python(c)
     by_label: dict[str, list[AppBudget]] = {}
     for app in c.recipe.apps:
         label, _ = c.route(app.path, app.where)

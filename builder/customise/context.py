@@ -125,6 +125,9 @@ class Customiser:
         self._batches: dict[str, EditBatch] = {}
         self._pending: list[_Pending] = []
         self._written_root: dict[str, str] = {}  # ROOTFS inner path -> origin, for overlay shadows
+        # device path -> what a step wrote there (bytes or a host file), None once removed: the
+        # root as later steps must see it before finish() applies anything
+        self._root_view: dict[str, bytes | Path | None] = {}
         self._mounts: list[Mount] | None = None
         self._accounts: tuple[dict[str, Account], dict[str, int]] | None = None
         self._stat_cache: dict[tuple[str, str], Inode | None] = {}
@@ -212,7 +215,16 @@ class Customiser:
     # ------------------------------------------------------------------ reading the image
 
     def read_text_root(self, device_path: str) -> str | None:
-        """A text file of the root filesystem as the box sees it (overlay upper wins)."""
+        """A text file of the root filesystem as the box will see it: what earlier steps wrote or
+        removed first (their edits wait in batches until finish()), then the overlay upper layer,
+        then ROOTFS."""
+        key = posixpath.normpath(device_path)
+        if key in self._root_view:
+            pending = self._root_view[key]
+            if pending is None:
+                return None
+            raw = pending if isinstance(pending, bytes) else pending.read_bytes()
+            return raw.decode("utf-8", errors="replace")
         if self.has_partition(ROOTFS_RW) and self.partition(ROOTFS_RW).chunks:
             rw = self.image(ROOTFS_RW)
             upper = posixpath.join(OVERLAY_UPPER, device_path.lstrip("/"))
@@ -302,6 +314,8 @@ class Customiser:
         self._pending.append(_Pending(label, inner, device_path, data, src, mode, uid, gid, origin))
         if label.upper() == ROOTFS:
             self._written_root[inner] = origin
+        if label.upper() == ROOTFS or layer == "overlay":
+            self._root_view[posixpath.normpath(device_path)] = data if data is not None else src
 
     def mkdir(
         self, device_path: str, *, mode: int, uid: int, gid: int, origin: str, layer: str = "base"
@@ -374,6 +388,11 @@ class Customiser:
                     ROOTFS_RW, upper, device_path, "removed", ust.type.value, None, ust.uid, ust.gid, origin
                 )
                 removed = True
+        if label.upper() == ROOTFS:
+            gone = posixpath.normpath(device_path)
+            for p in [p for p in self._root_view if p == gone or p.startswith(gone + "/")]:
+                self._root_view[p] = None
+            self._root_view[gone] = None
         if not removed and not missing_ok:
             raise RecipeError(f"{device_path} does not exist in the image", where=origin)
         return removed

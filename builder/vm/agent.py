@@ -33,8 +33,7 @@ while [ -z "$dev" ]; do
   done
   [ -z "$dev" ] && $B sleep 0.2
 done
-while true; do
-  exec 3<>"$dev"
+serve() {
   while IFS= read -r line <&3; do
     id="${line%%%% *}"
     echo "${line#* }" | $B base64 -d > /run/airbox-vm/cmd.sh
@@ -42,7 +41,10 @@ while true; do
     rc=$?
     { printf '%%s %%s ' "$id" "$rc"; $B base64 -w0 /run/airbox-vm/out; echo; } >&3
   done
-  exec 3>&-
+}
+# a function's redirection may fail (no host on the socket) without ending the shell
+while true; do
+  serve 3<>"$dev"
   $B sleep 0.2
 done
 """ % {"port": PORT_NAME}

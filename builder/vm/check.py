@@ -238,9 +238,10 @@ class Checker:
                                      f"missing {', '.join(missing)}; has {', '.join(sorted(have)) or 'no address'}")
             ok, detail = self._retry(probe)
             if not ok:
-                _, st = self.sh(f"networkctl status {q(ifc)} --no-pager 2>&1 | head -12; "
-                                "journalctl -b -u systemd-networkd -n 5 --no-pager -o cat")
-                detail += f": {st[-500:]}"
+                # netplan's own verdict names a file it rejects; networkd's state says the rest
+                _, gen = self.sh("netplan generate 2>&1 | tail -4")
+                _, st = self.sh(f"networkctl status {q(ifc)} --no-pager 2>&1 | head -6")
+                detail += (f"; netplan: {gen[-400:]}" if gen else "") + f"; networkd: {st[-300:]}"
             self.row(f"address {ifc}", OK if ok else FAIL, detail)
         for ifc, gw in sorted(self.e.gateways.items()):
             _, out = self.sh(f"ip route show default dev {q(ifc)}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import lzma
+import os
 import re
 import tarfile
 import tempfile
@@ -221,7 +222,7 @@ class DebianIndex:
         text = self._verified(resp.content, a)
         self._releases[a] = text
         kept.parent.mkdir(parents=True, exist_ok=True)
-        tmp = kept.with_suffix(".tmp")
+        tmp = kept.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_bytes(resp.content)
         tmp.replace(kept)
         return text
@@ -290,7 +291,7 @@ class DebianIndex:
             return {n: DebPackage(**{**d, "archive": Archive(**d["archive"])}) for n, d in raw.items()}
         out = {n: self.newest(n) for n in names}
         memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_suffix(".tmp")
+        tmp = memo.with_suffix(f".{os.getpid()}.tmp")  # two runs may resolve at once
         tmp.write_text(json.dumps({n: asdict(p) for n, p in out.items()}, sort_keys=True))
         tmp.replace(memo)
         return out

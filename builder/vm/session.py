@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -73,26 +76,33 @@ def baseline(
     vendor: Path, kernel: KernelFiles, opts: FetchOptions, timeout: float, info: Callable[[str], None]
 ) -> dict[str, Any]:
     """Boot the unmodified vendor package once (per package and kernel) and remember what it does."""
-    probe = machine.locate(vendor, state=opts.cache_dir / "vm" / "baseline-work")
-    with_digest = machine.flash(probe)  # also tells the package's identity
-    key = hashlib.sha256(f"{with_digest.digest} {kernel.kernel.parent.name}".encode()).hexdigest()[:20]
-    memo = opts.cache_dir / "vm" / f"baseline-{key}.json"
-    if memo.exists():
-        shutil.rmtree(probe.state, ignore_errors=True)
-        return dict(json.loads(memo.read_text()))
-    info(f"booting the unmodified vendor package once to learn what fails there ({vendor})")
-    disk, _ = machine.prepare_disk(probe.state, with_digest, fresh=True)
-    vm = machine.start(probe.state, kernel, disk, with_digest)
+    work = opts.cache_dir / "vm"
+    work.mkdir(parents=True, exist_ok=True)
+    probe = machine.locate(vendor, state=Path(tempfile.mkdtemp(prefix="baseline-work-", dir=work)))
     try:
-        ag = vm.agent()
-        ag.wait_ready(timeout, vm.alive)
-        facts = baseline_facts(ag)
-        ag.close()
+        flashed = machine.flash(probe)  # also gives the package's identity
+        key = hashlib.sha256(f"{flashed.digest} {kernel.kernel.parent.name}".encode()).hexdigest()[:20]
+        memo = work / f"baseline-{key}.json"
+        with open(work / f"baseline-{key}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent run waits for the first one's answer
+            if memo.exists():
+                return dict(json.loads(memo.read_text()))
+            info(f"booting the unmodified vendor package once to learn what fails there ({vendor})")
+            disk, _ = machine.prepare_disk(probe.state, flashed, fresh=True)
+            vm = machine.start(probe.state, kernel, disk, flashed)
+            try:
+                ag = vm.agent()
+                ag.wait_ready(timeout, vm.alive)
+                facts = baseline_facts(ag)
+                ag.close()
+            finally:
+                vm.stop(clean=False)
+            tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(facts, indent=1, sort_keys=True) + "\n")
+            tmp.replace(memo)
+            return facts
     finally:
-        vm.stop()
         shutil.rmtree(probe.state, ignore_errors=True)
-    memo.write_text(json.dumps(facts, indent=1, sort_keys=True) + "\n")
-    return facts
 
 
 def _boot_id(ag: Agent) -> str:
@@ -101,7 +111,7 @@ def _boot_id(ag: Agent) -> str:
 
 def _reboot(vm: machine.VM, ag: Agent, timeout: float) -> None:
     before = _boot_id(ag)
-    ag.run("(sleep 1; systemctl reboot) >/dev/null 2>&1 &", timeout=20)
+    ag.run("systemctl --no-block reboot", timeout=20)
     ag.close()
     deadline = time.monotonic() + timeout
     time.sleep(3)

@@ -20,37 +20,88 @@ def register(
 ) -> None:
     @group.command("boot")
     @click.argument("path", type=click.Path(path_type=Path, exists=True))
-    @click.option("--check", is_flag=True, help="Check the running box against its recipe, reboot, check again.")
+    @click.option(
+        "--check", is_flag=True, help="Check the running box against its recipe, reboot, check again."
+    )
     @click.option("--fresh", is_flag=True, help="A new box: forget what earlier boots wrote to its eMMC.")
     @click.option("--keep", is_flag=True, help="Leave the VM running (stop it with --stop).")
     @click.option("--stop", is_flag=True, help="Stop the VM of this bundle (a clean poweroff).")
-    @click.option("--console", is_flag=True, help="The serial console on the terminal (else boot/console.log).")
-    @click.option("--timeout", type=float, default=300.0, show_default=True,
-                  help="Seconds to wait for the box to come up (each boot).")
-    @click.option("--identity", "-i", "identities", multiple=True,
-                  type=click.Path(path_type=Path, exists=True, dir_okay=False),
-                  help="Private key to log in with the recipe's ssh_authorized_keys (repeatable).")
-    @click.option("--recipe", type=click.Path(path_type=Path, exists=True, dir_okay=False),
-                  help="The recipe to check against (default: the one named in build-report.json).")
-    @click.option("--baseline", type=click.Path(path_type=Path, exists=True),
-                  help="The vendor package the bundle was built from (default: from build-report.json).")
-    @click.option("--kernel", type=click.Path(path_type=Path, exists=True, dir_okay=False),
-                  help="Boot this arm64 kernel (with --initrd) instead of Debian's linux-image-arm64.")
-    @click.option("--initrd", type=click.Path(path_type=Path, exists=True, dir_okay=False),
-                  help="With --kernel: an initramfs made by airbox-build (boot/initrd.img of another box).")
-    @click.option("--keyring", type=click.Path(path_type=Path, exists=True, dir_okay=False),
-                  help="Keyring for the Debian archive's InRelease (default: Debian's archive keyring).")
-    @click.option("--debian-archive", "archives", multiple=True, metavar="URL SUITE",
-                  help="Resolve the kernel from this archive and suite, e.g. 'http://deb.example/debian "
-                  "bookworm' (repeatable; default: the host's apt sources).")
+    @click.option(
+        "--console", is_flag=True, help="The serial console on the terminal (else boot/console.log)."
+    )
+    @click.option(
+        "--timeout",
+        type=float,
+        default=300.0,
+        show_default=True,
+        help="Seconds to wait for the box to come up (each boot).",
+    )
+    @click.option(
+        "--identity",
+        "-i",
+        "identities",
+        multiple=True,
+        type=click.Path(path_type=Path, exists=True, dir_okay=False),
+        help="Private key to log in with the recipe's ssh_authorized_keys (repeatable).",
+    )
+    @click.option(
+        "--recipe",
+        type=click.Path(path_type=Path, exists=True, dir_okay=False),
+        help="The recipe to check against (default: the one named in build-report.json).",
+    )
+    @click.option(
+        "--baseline",
+        type=click.Path(path_type=Path, exists=True),
+        help="The vendor package the bundle was built from (default: from build-report.json).",
+    )
+    @click.option(
+        "--kernel",
+        type=click.Path(path_type=Path, exists=True, dir_okay=False),
+        help="Boot this arm64 kernel (with --initrd) instead of Debian's linux-image-arm64.",
+    )
+    @click.option(
+        "--initrd",
+        type=click.Path(path_type=Path, exists=True, dir_okay=False),
+        help="With --kernel: an initramfs made by airbox-build (boot/initrd.img of another box).",
+    )
+    @click.option(
+        "--keyring",
+        type=click.Path(path_type=Path, exists=True, dir_okay=False),
+        help="Keyring for the Debian archive's InRelease (default: Debian's archive keyring).",
+    )
+    @click.option(
+        "--debian-archive",
+        "archives",
+        multiple=True,
+        metavar="URL SUITE",
+        help="Resolve the kernel from this archive and suite, e.g. 'http://deb.example/debian "
+        "bookworm' (repeatable; default: the host's apt sources).",
+    )
     @fetch_options
     @click.pass_context
     @guarded
-    def boot(ctx: click.Context, path: Path, check: bool, fresh: bool, keep: bool, stop: bool, console: bool,
-             timeout: float, identities: tuple[Path, ...], recipe: Path | None, baseline: Path | None,
-             kernel: Path | None, initrd: Path | None, keyring: Path | None, archives: tuple[str, ...],
-             cache_dir: Path | None, offline: bool, input_dirs: tuple[Path, ...], mirrors: tuple[str, ...],
-             locked: bool) -> None:
+    def boot(
+        ctx: click.Context,
+        path: Path,
+        check: bool,
+        fresh: bool,
+        keep: bool,
+        stop: bool,
+        console: bool,
+        timeout: float,
+        identities: tuple[Path, ...],
+        recipe: Path | None,
+        baseline: Path | None,
+        kernel: Path | None,
+        initrd: Path | None,
+        keyring: Path | None,
+        archives: tuple[str, ...],
+        cache_dir: Path | None,
+        offline: bool,
+        input_dirs: tuple[Path, ...],
+        mirrors: tuple[str, ...],
+        locked: bool,
+    ) -> None:
         """Boot a bundle's root in an arm64 VM (an output folder, card folder or card image).
 
         The bundle is flashed into an eMMC image by the project's simulator, and the VM writes
@@ -103,18 +154,30 @@ def register(
                 mark = {"ok": "ok  ", "FAIL": "FAIL", "warn": "warn", "known": "vend"}[r.status]
                 click.echo(f"  {mark}  {r.check:<38} {r.detail}")
 
-        opts = BootOptions(check=check, fresh=fresh, keep=keep, console=console, timeout=timeout,
-                           identities=identities, recipe=recipe, baseline=baseline, kernel=given)
+        opts = BootOptions(
+            check=check,
+            fresh=fresh,
+            keep=keep,
+            console=console,
+            timeout=timeout,
+            identities=identities,
+            recipe=recipe,
+            baseline=baseline,
+            kernel=given,
+        )
         with reporter.step("boot"):
             result = run_boot(path, opts, fopts, info=reporter.info, on_row=on_row, kernel_files=kernel_files)
         timings = {k: round(v, 1) for k, v in result.timings.items()}
         if check:
             failed = [r for r in result.rows if r.status == FAIL]
-            reporter.event("result", ok=not failed, failed=len(failed), rows=len(result.rows), timings=timings,
-                           kept=keep)
+            reporter.event(
+                "result", ok=not failed, failed=len(failed), rows=len(result.rows), timings=timings, kept=keep
+            )
             if not reporter.json_mode:
-                click.echo(f"{len(result.rows)} checks, {len(failed)} failed; "
-                           + ", ".join(f"{k} {v} s" for k, v in timings.items()))
+                click.echo(
+                    f"{len(result.rows)} checks, {len(failed)} failed; "
+                    + ", ".join(f"{k} {v} s" for k, v in timings.items())
+                )
             if failed:
                 raise AirboxError(
                     f"the box does not do what the recipe says: {len(failed)} check(s) failed: "
@@ -127,7 +190,9 @@ def register(
         reporter.event("result", ok=True, pid=vm.pid, ssh_port=vm.ssh_port, timings=timings)
         if keep:
             if not reporter.json_mode:
-                click.echo(f"running (pid {vm.pid}): airbox-build ssh {path}; stop: airbox-build boot {path} --stop")
+                click.echo(
+                    f"running (pid {vm.pid}): airbox-build ssh {path}; stop: airbox-build boot {path} --stop"
+                )
             return
         if not reporter.json_mode:
             click.echo(f"running: airbox-build ssh {path} in another terminal; Ctrl-C stops the box")
@@ -144,8 +209,9 @@ def register(
     @click.option("--identity", "-i", type=click.Path(path_type=Path, exists=True, dir_okay=False))
     @click.pass_context
     @guarded
-    def ssh(ctx: click.Context, path: Path, command: tuple[str, ...], user: str | None,
-            identity: Path | None) -> None:
+    def ssh(
+        ctx: click.Context, path: Path, command: tuple[str, ...], user: str | None, identity: Path | None
+    ) -> None:
         """SSH into the running VM of a bundle (started with `boot --keep`), host key pinned."""
         from builder.errors import AirboxError
         from builder.vm import machine
@@ -153,15 +219,28 @@ def register(
         bundle = machine.locate(path)
         vm = machine.VM.load(bundle.state)
         if vm is None:
-            raise AirboxError("no VM of this bundle is running", hint=f"start one: airbox-build boot {path} --keep")
+            raise AirboxError(
+                "no VM of this bundle is running", hint=f"start one: airbox-build boot {path} --keep"
+            )
         kh = bundle.state / "known_hosts"
         if not kh.exists():
             _record_host_keys(vm, kh)
         if user is None:
             users = [c.get("device_path", "") for c in bundle.report.get("changes", [])]
-            user = next((p.split("/")[2] for p in users if p.startswith("/home/") and p.count("/") >= 3), "linaro")
-        args = ["ssh", "-p", str(vm.ssh_port), "-o", f"UserKnownHostsFile={kh}", "-o", "StrictHostKeyChecking=yes",
-                "-o", "GlobalKnownHostsFile=/dev/null"]
+            user = next(
+                (p.split("/")[2] for p in users if p.startswith("/home/") and p.count("/") >= 3), "linaro"
+            )
+        args = [
+            "ssh",
+            "-p",
+            str(vm.ssh_port),
+            "-o",
+            f"UserKnownHostsFile={kh}",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "GlobalKnownHostsFile=/dev/null",
+        ]
         if identity is not None:
             args += ["-i", str(identity), "-o", "IdentitiesOnly=yes"]
         args += [f"{user}@127.0.0.1", *command]
@@ -174,5 +253,7 @@ def _record_host_keys(vm: Any, known_hosts: Path) -> None:
     keys = ag.run("cat /etc/ssh/ssh_host_*_key.pub").out
     ag.close()
     known_hosts.write_text(
-        "".join(f"[127.0.0.1]:{vm.ssh_port} {' '.join(k.split()[:2])}\n" for k in keys.splitlines() if k.strip())
+        "".join(
+            f"[127.0.0.1]:{vm.ssh_port} {' '.join(k.split()[:2])}\n" for k in keys.splitlines() if k.strip()
+        )
     )

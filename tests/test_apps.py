@@ -245,3 +245,21 @@ def test_lock_update_python_resolves_aarch64_cp38_wheels(tmp_path: Path) -> None
     names = {p.name for p in pins}
     assert {"torch", "gradio", "diffusers", "pillow"} <= names and "opencv-python" not in names
     assert len(pins) == len(parse_lock(REPO / "recipes" / "sd-lcm-tpu.lock"))
+
+
+def test_python_target_other_than_the_images_is_refused(
+    vendor_package_session: vf.MiniPackage, tmp_path: Path
+) -> None:
+    """An environment for Python 3.11 on a box whose python3 is 3.8 could never import its wheels."""
+    py = {"lock": str(DEMO / "demo-app.lock"), "python": "3.11.2", "wheels": str(DEMO / "wheels")}
+    apps = app_section(python=py)
+    recipe = write_recipe(tmp_path / "r", vendor_package_session.dir, name="py311", apps=apps)
+    out = cli("--json", recipe, "-o", tmp_path / "out", "--cache-dir", tmp_path / "cache")
+    assert out.returncode == 1, out.stdout
+    import json
+
+    err = [json.loads(ln) for ln in out.stdout.splitlines()][-1]
+    assert err["event"] == "error"
+    assert "Python 3.11.2" in err["message"] and "python3 is Python 3.8" in err["message"]
+    assert 'python: "3.8"' in err["hint"] and "py311.yaml" in err["where"]
+    assert not (tmp_path / "out" / "py311").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import random
 import subprocess
 from pathlib import Path
 
@@ -381,3 +382,53 @@ def test_ext4_feature_set_is_kept(full_build) -> None:  # type: ignore[no-untype
         after = _features(parts / f"{label}.img")
         assert after == before, label
         assert "orphan_file" not in after and "metadata_csum_seed" not in after
+
+
+def test_a_unit_written_by_files_can_be_enabled(vendor_package_session, tmp_path: Path) -> None:
+    """Steps see what earlier steps wrote: a unit laid down by `files:` is enabled by `services:`."""
+    unit = "[Unit]\nDescription=hi\n[Service]\nExecStart=/bin/true\n[Install]\nWantedBy=multi-user.target\n"
+    recipe = write_recipe(
+        tmp_path / "r",
+        vendor_package_session.dir,
+        name="unitfiles",
+        files=[{"path": "/etc/systemd/system/hello.service", "content": unit}],
+        services={"enable": ["hello.service"]},
+    )
+    res = run_build(recipe, tmp_path / "out", tmp_path / "cache")
+    parts = simulate(res.out_dir, tmp_path)
+    assert cat(parts / "ROOTFS.img", "/etc/systemd/system/hello.service") == unit.encode()
+    wants = "/etc/systemd/system/multi-user.target.wants/hello.service"
+    link = stat(parts / "ROOTFS.img", wants)
+    assert link["type"] == "symlink"
+    r = subprocess.run(
+        ["debugfs", "-R", f"stat {wants}", str(parts / "ROOTFS.img")],
+        capture_output=True,
+        text=True,
+    )
+    assert '"/etc/systemd/system/hello.service"' in r.stdout
+
+
+def test_rootfs_rw_keeps_room_for_the_overlay(make_vendor_package, tmp_path: Path) -> None:
+    """A ROOTFS_RW filled by the recipe would make the box mount its root read-only: refused."""
+    pkg = make_vendor_package(slack_kb={"ROOTFS_RW": 3072})
+    blob = tmp_path / "r" / "blob.bin"
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(random.Random(7).randbytes(2560 * 1024))
+    big = write_recipe(
+        tmp_path / "r",
+        pkg.dir,
+        name="rwfull",
+        files=[{"path": "/etc/blob.bin", "source": "blob.bin", "layer": "overlay"}],
+    )
+    out = cli("--json", big, "-o", tmp_path / "out", "--cache-dir", tmp_path / "cache")
+    assert out.returncode == 1
+    err = [json.loads(ln) for ln in out.stdout.splitlines()][-1]
+    assert "ROOTFS_RW would have" in err["message"] and "read-only" in err["message"]
+    assert "layer: base" in err["hint"]
+    small = write_recipe(
+        tmp_path / "r",
+        pkg.dir,
+        name="rwok",
+        files=[{"path": "/etc/x.conf", "content": "x\n", "layer": "overlay"}],
+    )
+    assert cli(small, "-o", tmp_path / "out", "--cache-dir", tmp_path / "cache").returncode == 0

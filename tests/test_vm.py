@@ -7,6 +7,7 @@ outside the repo, like the U-Boot build); the userland is built once by mmdebstr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -56,7 +57,9 @@ def vm_cache() -> Path:
 @pytest.fixture
 def key(tmp_path: Path) -> Path:
     k = tmp_path / "id_ed25519"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "tester@ci", "-f", str(k)], check=True)
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "tester@ci", "-f", str(k)], check=True
+    )
     return k
 
 
@@ -64,10 +67,8 @@ def _no_vm_left(state: Path) -> None:
     vm = state / "vm.json"
     if vm.exists():
         pid = json.loads(vm.read_text())["pid"]
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, 9)
-        except ProcessLookupError:
-            pass
         pytest.fail(f"a VM (pid {pid}) was left running")
 
 
@@ -87,7 +88,9 @@ def _build(recipe: Path, out: Path, cache: Path) -> Path:
     return name
 
 
-def _boot_check(bundle: Path, cache: Path, *args: str | Path) -> tuple[subprocess.CompletedProcess[str], list[dict[str, Any]]]:
+def _boot_check(
+    bundle: Path, cache: Path, *args: str | Path
+) -> tuple[subprocess.CompletedProcess[str], list[dict[str, Any]]]:
     p = cli("--json", "boot", bundle, "--check", "--cache-dir", cache, "--timeout", "240", *args)
     events = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
     return p, [e for e in events if e.get("event") == "check"]
@@ -104,24 +107,39 @@ def _app_inputs(folder: Path) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "src.tar.gz").write_bytes(make_demo_app.source_tarball())
     (folder / "wheels").mkdir()
-    name, data = make_demo_app.wheel("tinypure", "1.0", "py3-none-any", {"tinypure/__init__.py": b"VALUE = 42\n"})
+    name, data = make_demo_app.wheel(
+        "tinypure", "1.0", "py3-none-any", {"tinypure/__init__.py": b"VALUE = 42\n"}
+    )
     (folder / "wheels" / name).write_bytes(data)
     import hashlib
 
-    (folder / "app.lock").write_text(f"tinypure==1.0 \\\n    --hash=sha256:{hashlib.sha256(data).hexdigest()}\n")
+    (folder / "app.lock").write_text(
+        f"tinypure==1.0 \\\n    --hash=sha256:{hashlib.sha256(data).hexdigest()}\n"
+    )
     archive = make_demo_app.model_archive()
     (folder / "model.tar.gz").write_bytes(archive)
     return {
         "path": "/data/SD-demo",
         "owner": "linaro:linaro",
-        "source": {"path": str(folder / "src.tar.gz"), "strip_components": 1,
-                   "sha256": hashlib.sha256((folder / "src.tar.gz").read_bytes()).hexdigest()},
+        "source": {
+            "path": str(folder / "src.tar.gz"),
+            "strip_components": 1,
+            "sha256": hashlib.sha256((folder / "src.tar.gz").read_bytes()).hexdigest(),
+        },
         "models": [
-            {"path": str(folder / "model.tar.gz"), "extract": "models/basic/",
-             "sha256": hashlib.sha256(archive).hexdigest()},
+            {
+                "path": str(folder / "model.tar.gz"),
+                "extract": "models/basic/",
+                "sha256": hashlib.sha256(archive).hexdigest(),
+            },
         ],
-        "python": {"lock": str(folder / "app.lock"), "target": ".pydeps", "platform": "manylinux2014_aarch64",
-                   "python": "3.11.2", "wheels": str(folder / "wheels")},
+        "python": {
+            "lock": str(folder / "app.lock"),
+            "target": ".pydeps",
+            "platform": "manylinux2014_aarch64",
+            "python": "3.11.2",
+            "wheels": str(folder / "wheels"),
+        },
         "service": {"exec": "python3 gr.py", "user": "linaro", "port": 8999},
         "dirs": ["models/controlnet"],
     }
@@ -141,7 +159,9 @@ WantedBy=multi-user.target
 """
 
 
-def test_noop_bundle_boots_and_passes(vm_package: Path, vm_cache: Path, tmp_path: Path, booted: list[Path]) -> None:
+def test_noop_bundle_boots_and_passes(
+    vm_package: Path, vm_cache: Path, tmp_path: Path, booted: list[Path]
+) -> None:
     recipe = write_recipe(tmp_path / "r", vm_package, name="vmnoop")
     out = _build(recipe, tmp_path / "out", vm_cache)
     booted.append(out)
@@ -153,7 +173,9 @@ def test_noop_bundle_boots_and_passes(vm_package: Path, vm_cache: Path, tmp_path
     assert _row(rows, "boot 1: unit bm-sophon.service")["status"] == "known"
     assert _row(rows, "ssh host keys")["status"] == "warn"  # the vendor's keys: no identity asked for
     assert _row(rows, "boot 2: host keys")["status"] == "ok"
-    assert (out / "boot" / "console.log").read_text(errors="replace").count("airbox-vm: root is the overlay") == 2
+    assert (out / "boot" / "console.log").read_text(errors="replace").count(
+        "airbox-vm: root is the overlay"
+    ) == 2
     assert not (out / "boot" / "vm.json").exists()
 
 
@@ -166,9 +188,12 @@ def test_recipe_bundle_passes_check_twice(
         vm_package,
         name="vmbox",
         hostname="airbox-vm-01",
-        network={"ethernets": {"eth0": {"dhcp4": True},
-                               "eth1": {"addresses": ["192.168.150.11/24"], "nameservers": ["223.5.5.5"],
-                                        "optional": True}}},
+        network={
+            "ethernets": {
+                "eth0": {"dhcp4": True},
+                "eth1": {"addresses": ["192.168.150.11/24"], "nameservers": ["223.5.5.5"], "optional": True},
+            }
+        },
         apt={"mirror": "https://mirrors.tuna.tsinghua.edu.cn/debian/"},
         pip={"index_url": "https://pypi.tuna.tsinghua.edu.cn/simple"},
         users={"linaro": {"ssh_authorized_keys": [pub]}},
@@ -226,12 +251,22 @@ def test_planted_faults_each_named(
         users={"linaro": {"ssh_authorized_keys": [pub]}},
         files=[
             {"path": "/etc/ssh/sshd_config.d/50-bad.conf", "content": "NoSuchSshdOption yes\n"},
-            {"path": "/home/linaro/.ssh/authorized_keys", "content": pub + "\n", "mode": "0600",
-             "owner": "admin:admin"},
-            {"path": "/etc/netplan/60-bad.yaml", "content": "network:\n  version: 2\n  ethernets:\n    eth1: {addresses: [not-an-address]}\n",
-             "mode": "0600"},
-            {"path": "/etc/systemd/system/exits.service",
-             "content": "[Service]\nExecStart=/bin/sh -c 'echo giving up; exit 3'\n[Install]\nWantedBy=multi-user.target\n"},
+            {
+                "path": "/home/linaro/.ssh/authorized_keys",
+                "content": pub + "\n",
+                "mode": "0600",
+                "owner": "admin:admin",
+            },
+            {
+                "path": "/etc/netplan/60-bad.yaml",
+                "content": "network:\n  version: 2\n  ethernets:\n    eth1: {addresses: [not-an-address]}\n",
+                "mode": "0600",
+            },
+            {
+                "path": "/etc/systemd/system/exits.service",
+                "content": "[Service]\nExecStart=/bin/sh -c 'echo giving up; exit 3'\n"
+                "[Install]\nWantedBy=multi-user.target\n",
+            },
         ],
         services={"enable": ["exits.service"]},
         network={"ethernets": {"eth1": {"addresses": ["192.168.150.12/24"]}}},

@@ -38,8 +38,11 @@ def _tar_xz(files: dict[str, bytes]) -> bytes:
 
 def _deb(files: dict[str, bytes]) -> bytes:
     """A .deb as dpkg-deb lays it out: an ar archive of debian-binary, control and data."""
-    members = [("debian-binary", b"2.0\n"), ("control.tar.xz", _tar_xz({"./control": b"Package: x\n"})),
-               ("data.tar.xz", _tar_xz(files))]
+    members = [
+        ("debian-binary", b"2.0\n"),
+        ("control.tar.xz", _tar_xz({"./control": b"Package: x\n"})),
+        ("data.tar.xz", _tar_xz(files)),
+    ]
     out = b"!<arch>\n"
     for name, data in members:
         out += f"{name + '/':<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(data):<10}`\n".encode() + data
@@ -49,11 +52,19 @@ def _deb(files: dict[str, bytes]) -> bytes:
 
 
 def _ko(name: str, depends: str) -> bytes:
-    return b"\x7fELF fake module\0name=" + name.encode() + b"\0depends=" + depends.encode() + b"\0vermagic=6.1\0"
+    return (
+        b"\x7fELF fake module\0name=" + name.encode() + b"\0depends=" + depends.encode() + b"\0vermagic=6.1\0"
+    )
 
 
-DEPS = {"virtio_pci": "virtio_pci_modern_dev", "virtio_net": "net_failover", "net_failover": "failover",
-        "sdhci_pci": "sdhci,cqhci", "ext4": "jbd2,mbcache,crc16", "vfat": "fat"}
+DEPS = {
+    "virtio_pci": "virtio_pci_modern_dev",
+    "virtio_net": "net_failover",
+    "net_failover": "failover",
+    "sdhci_pci": "sdhci,cqhci",
+    "ext4": "jbd2,mbcache,crc16",
+    "vfat": "fat",
+}
 
 
 def _kernel_deb(version: str) -> bytes:
@@ -89,8 +100,12 @@ class MiniArchive:
         self.publish("stable-security", "6.1.100-2")
 
     def _gpg(self, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run(["gpg", "--batch", "--homedir", str(self.gnupg), "--pinentry-mode", "loopback", *args],
-                              input=stdin, capture_output=True, check=True)
+        return subprocess.run(
+            ["gpg", "--batch", "--homedir", str(self.gnupg), "--pinentry-mode", "loopback", *args],
+            input=stdin,
+            capture_output=True,
+            check=True,
+        )
 
     def publish(self, suite: str, kversion: str, *, tamper: bool = False) -> None:
         kdeb = _kernel_deb(kversion)
@@ -102,16 +117,20 @@ class MiniArchive:
         for name, data in ((kname, kdeb), (bname, bdeb), (mname, meta)):
             self.server.add(f"/debian/{name}", data)
             self.debs[name] = data
-        packages = "\n".join([
-            _stanza("linux-image-arm64", kversion, mname, meta, f"linux-image-{KVER} (= {kversion})"),
-            _stanza(f"linux-image-{KVER}", kversion, kname, kdeb, "kmod, linux-base"),
-            _stanza("busybox-static", "1:1.35.0-4", bname, bdeb),
-        ])
+        packages = "\n".join(
+            [
+                _stanza("linux-image-arm64", kversion, mname, meta, f"linux-image-{KVER} (= {kversion})"),
+                _stanza(f"linux-image-{KVER}", kversion, kname, kdeb, "kmod, linux-base"),
+                _stanza("busybox-static", "1:1.35.0-4", bname, bdeb),
+            ]
+        )
         xz = lzma.compress(packages.encode())
         listed = xz if not tamper else xz + b"x"
         self.server.add(f"/debian/dists/{suite}/main/binary-arm64/Packages.xz", xz)
-        release = (f"Suite: {suite}\nSHA256:\n {hashlib.sha256(listed).hexdigest()} {len(listed)} "
-                   "main/binary-arm64/Packages.xz\n")
+        release = (
+            f"Suite: {suite}\nSHA256:\n {hashlib.sha256(listed).hexdigest()} {len(listed)} "
+            "main/binary-arm64/Packages.xz\n"
+        )
         signed = self._gpg("--clearsign", stdin=release.encode()).stdout
         self.server.add(f"/debian/dists/{suite}/InRelease", signed)
 
@@ -134,8 +153,16 @@ def test_newest_kernel_resolved_verified_and_cached(archive: MiniArchive, tmp_pa
     assert "6.1.100-2 (stable-security)" in desc
     assert files.kernel.read_bytes() == b"KERNEL 6.1.100-2"
     assert files.version == KVER
-    listing = subprocess.run(["cpio", "-it"], input=__import__("gzip").decompress(files.initrd.read_bytes()),
-                             capture_output=True, check=True).stdout.decode().split()
+    listing = (
+        subprocess.run(
+            ["cpio", "-it"],
+            input=__import__("gzip").decompress(files.initrd.read_bytes()),
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split()
+    )
     assert {"init", "bin/busybox", "etc/modules.order"} <= set(listing)
     order = [n for n in listing if n.startswith("lib/modules/")]
     names = [n.rsplit("/", 1)[1][:-3] for n in order]
@@ -149,19 +176,42 @@ def test_newest_kernel_resolved_verified_and_cached(archive: MiniArchive, tmp_pa
     new = [r.path for r in archive.server.requests()[gets:]]
     assert all(p.endswith("InRelease") for p in new), new
     # offline: the last verified InRelease and the cache answer
-    off, _ = vm_kernel(FetchOptions(cache_dir=tmp_path / "cache", offline=True, progress=False),
-                       archives=archive.archives(), keyring=archive.keyring)
+    off, _ = vm_kernel(
+        FetchOptions(cache_dir=tmp_path / "cache", offline=True, progress=False),
+        archives=archive.archives(),
+        keyring=archive.keyring,
+    )
     assert off == files
 
 
 def test_unsigned_or_tampered_index_refused(archive: MiniArchive, tmp_path: Path) -> None:
     other = tmp_path / "other"
     other.mkdir(mode=0o700)
-    subprocess.run(["gpg", "--batch", "--homedir", str(other), "--pinentry-mode", "loopback", "--quick-gen-key",
-                    "--passphrase", "", "other@test", "ed25519", "sign", "never"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "gpg",
+            "--batch",
+            "--homedir",
+            str(other),
+            "--pinentry-mode",
+            "loopback",
+            "--quick-gen-key",
+            "--passphrase",
+            "",
+            "other@test",
+            "ed25519",
+            "sign",
+            "never",
+        ],
+        check=True,
+        capture_output=True,
+    )
     wrong = tmp_path / "wrong.gpg"
-    wrong.write_bytes(subprocess.run(["gpg", "--batch", "--homedir", str(other), "--export"],
-                                     capture_output=True, check=True).stdout)
+    wrong.write_bytes(
+        subprocess.run(
+            ["gpg", "--batch", "--homedir", str(other), "--export"], capture_output=True, check=True
+        ).stdout
+    )
     opts = FetchOptions(cache_dir=tmp_path / "cache", progress=False, retries=0)
     with pytest.raises(FetchError, match="not signed by a key in"):
         vm_kernel(opts, archives=archive.archives(), keyring=wrong)
@@ -179,16 +229,26 @@ def test_offline_without_a_first_resolution_says_what_to_do(archive: MiniArchive
 
 def test_mirror_rewrites_the_archive(archive: MiniArchive, tmp_path: Path) -> None:
     gone = [Archive("http://debian.invalid/debian", a.suite) for a in archive.archives()]
-    opts = FetchOptions(cache_dir=tmp_path / "cache", progress=False,
-                        mirrors=(("http://debian.invalid/debian", archive.server.url("/debian")),))
-    files, desc = vm_kernel(opts, archives=gone, keyring=archive.keyring)
+    opts = FetchOptions(
+        cache_dir=tmp_path / "cache",
+        progress=False,
+        mirrors=(("http://debian.invalid/debian", archive.server.url("/debian")),),
+    )
+    files, _ = vm_kernel(opts, archives=gone, keyring=archive.keyring)
     assert files.kernel.read_bytes() == b"KERNEL 6.1.100-2"
 
 
 @pytest.mark.parametrize(
     ("a", "b", "want"),
-    [("6.1.100-2", "6.1.90-1", 1), ("1:1.0", "2.0", 1), ("1.0~rc1", "1.0", -1), ("6.1.0-57", "6.1.0-57", 0),
-     ("2.0-1", "2.0-1+deb12u1", -1), ("1.0a", "1.0", 1), ("1.0", "1.0+b1", -1)],
+    [
+        ("6.1.100-2", "6.1.90-1", 1),
+        ("1:1.0", "2.0", 1),
+        ("1.0~rc1", "1.0", -1),
+        ("6.1.0-57", "6.1.0-57", 0),
+        ("2.0-1", "2.0-1+deb12u1", -1),
+        ("1.0a", "1.0", 1),
+        ("1.0", "1.0+b1", -1),
+    ],
 )
 def test_debian_version_order(a: str, b: str, want: int) -> None:
     assert compare_versions(a, b) == want
@@ -202,7 +262,9 @@ def test_host_sources_both_formats(tmp_path: Path) -> None:
         "Types: deb\nURIs: http://deb.example/debian\nSuites: bookworm bookworm-updates\nComponents: main\n\n"
         "Types: deb\nURIs: http://ubuntu.example/ubuntu\nSuites: focal\nComponents: main\n"
     )
-    (tmp_path / "sources.list").write_text("deb [arch=amd64] http://sec.example/debian-security bookworm-security main\n")
+    (tmp_path / "sources.list").write_text(
+        "deb [arch=amd64] http://sec.example/debian-security bookworm-security main\n"
+    )
     got = host_archives((d, tmp_path / "sources.list"))
     assert [(a.uri, a.suite) for a in got] == [
         ("http://deb.example/debian", "bookworm"),

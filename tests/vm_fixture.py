@@ -88,7 +88,7 @@ After=local-fs.target
 [Service]
 Type=oneshot
 RemainAfterExit=yes
-ExecStart=/bin/sh -c 'test -e /dev/bm-sophon0 || { echo "no /dev/bm-sophon0: the TPU driver is not loaded"; exit 1; }'
+ExecStart=/bin/sh -c 'test -e /dev/bm-sophon0 || { echo "no /dev/bm-sophon0: no TPU driver"; exit 1; }'
 
 [Install]
 WantedBy=multi-user.target

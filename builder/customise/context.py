@@ -19,7 +19,7 @@ from typing import Any
 from builder.digestmemo import DigestMemo
 from builder.errors import BuildError, RecipeError
 from builder.events import Reporter
-from builder.fs.ext4 import EditBatch, Ext4Image, FileType, Inode, SpaceEstimate
+from builder.fs.ext4 import EditBatch, Ext4Image, Ext4Info, FileType, Inode, SpaceEstimate
 from builder.imagecache import BaseImage, ImageCache
 from builder.manifest import file_digest
 from builder.package.chunks import JoinedImage, default_workers
@@ -36,6 +36,8 @@ OPAQUE = "trusted.overlay.opaque"
 FSTAB = "/etc/fstab.emmc.ro"
 DIFF_MAX = 64 << 10
 IN_PLACE_MAX = 64 << 20  # edits up to this size go into the cached image itself (undo files)
+OVERLAY_ROOM = 1 << 20  # free bytes ROOTFS_RW keeps for the overlay's work folder and first boot
+OVERLAY_INODES = 64
 REFUSED_MOUNTS = ("/boot", "/recovery")
 # Files whose changes the report records without a diff: it would show password hashes.
 SECRET_FILES = frozenset({"/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-"})
@@ -557,6 +559,7 @@ class Customiser:
                 continue
             with self.reporter.step(f"edit {label}", operations=len(batch)):
                 need = batch.estimate()
+                before = self._images[label].info() if label == ROOTFS_RW else None
                 dest = self.work / f"{self.partition(label).stem}.img"
                 joined = self.image_cache.writable(base, dest, in_place=self._fits_in_place(label, need))
                 undo = None
@@ -572,6 +575,8 @@ class Customiser:
                     img.shrink_to_min(floor_bytes=base.size)
                 img.set_lifetime_writes(writes)  # the same bytes whether edited in place or on a copy
                 img.check()
+                if before is not None:
+                    self._check_overlay_room(before, img.info())
             joined = replace(joined, fingerprint=fp)
             if undo is not None:  # the cached image itself: put back once its chunks are packed
                 joined = replace(joined, release=functools.partial(self.image_cache.restore, base, img))
@@ -579,6 +584,32 @@ class Customiser:
         for fn in self.after_apply:
             fn()
         return changed
+
+    def _check_overlay_room(self, vendor: Ext4Info, built: Ext4Info) -> None:
+        """ROOTFS_RW must keep room for the overlay's work folder (and what the box writes at its
+        first boot): with none left, overlayfs mounts the box's root read-only and
+        systemd-remount-fs fails. A vendor image that had no room either only gets a warning."""
+        def room(i: Ext4Info) -> bool:
+            return i.free_blocks * i.block_size >= OVERLAY_ROOM and i.free_inodes >= OVERLAY_INODES
+
+        if room(built):
+            return
+        what = (
+            f"ROOTFS_RW would have {format_size(built.free_blocks * built.block_size)} and "
+            f"{built.free_inodes} inodes free: the overlay needs room for its work folder "
+            f"(at least {format_size(OVERLAY_ROOM)} and {OVERLAY_INODES} inodes), or the box's root "
+            "mounts read-only"
+        )
+        if not room(vendor):
+            self.reporter.warn(what + " (the vendor's ROOTFS_RW had no more room either)")
+            return
+        raise BuildError(
+            what,
+            hint=f"the vendor's ROOTFS_RW had {format_size(vendor.free_blocks * vendor.block_size)} free: "
+            "put "
+            "less into the overlay layer (`layer: overlay`), or write to ROOTFS instead (`layer: base`, "
+            "the default)",
+        )
 
     def _fits_in_place(self, label: str, need: SpaceEstimate) -> bool:
         """A small edit that fits the vendor image as it is (no grow, shrink or e2fsck repair)

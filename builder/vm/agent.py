@@ -29,17 +29,17 @@ B=/run/airbox-vm/busybox
 dev=""
 while [ -z "$dev" ]; do
   for p in /sys/class/virtio-ports/*; do
-    [ "$($B cat "$p/name" 2>/dev/null)" = "%(port)s" ] && dev="/dev/${p##*/}"
+    [ "$($B cat "$p/name" 2>/dev/null)" = "@PORT@" ] && dev="/dev/${p##*/}"
   done
   [ -z "$dev" ] && $B sleep 0.2
 done
 serve() {
   while IFS= read -r line <&3; do
-    id="${line%%%% *}"
+    id="${line%% *}"
     echo "${line#* }" | $B base64 -d > /run/airbox-vm/cmd.sh
     /bin/sh /run/airbox-vm/cmd.sh > /run/airbox-vm/out 2>&1 < /dev/null
     rc=$?
-    { printf '%%s %%s ' "$id" "$rc"; $B base64 -w0 /run/airbox-vm/out; echo; } >&3
+    { printf '%s %s ' "$id" "$rc"; $B base64 -w0 /run/airbox-vm/out; echo; } >&3
   done
 }
 # a function's redirection may fail (no host on the socket) without ending the shell
@@ -47,9 +47,9 @@ while true; do
   serve 3<>"$dev"
   $B sleep 0.2
 done
-""" % {"port": PORT_NAME}
+""".replace("@PORT@", PORT_NAME)
 
-AGENT_UNIT = f"""[Unit]
+AGENT_UNIT = """[Unit]
 Description=airbox-build VM check agent (VM only: not part of the bundle)
 DefaultDependencies=no
 After=systemd-udevd.service

@@ -77,7 +77,9 @@ def expectations(recipe: Any, report: Mapping[str, Any]) -> Expect:
     e.files = tuple(
         c
         for c in report.get("changes", [])
-        if c.get("type") == "file" and c.get("sha256") and c["action"] in ("added", "changed")
+        if c.get("type") == "file"
+        and c.get("sha256")
+        and c["action"] in ("added", "changed")
         and " apps." not in c.get("origin", "")
     )
     e.removed = tuple(c["device_path"] for c in report.get("changes", []) if c["action"] == "removed")
@@ -126,21 +128,30 @@ class Checker:
     # ------------------------------------------------------------------ the whole run
 
     def boot_state(self, label: str) -> None:
-        rc, state = self.sh("systemctl is-system-running --wait", timeout=300)
+        _, state = self.sh("systemctl is-system-running --wait", timeout=300)
         _, failed_text = self.sh("systemctl list-units --state=failed --no-legend --plain | awk '{print $1}'")
-        failed = [u for u in failed_text.split() if u.endswith((".service", ".mount", ".socket", ".timer", ".target", ".path", ".swap", ".device"))]
+        failed = [
+            u
+            for u in failed_text.split()
+            if u.endswith((".service", ".mount", ".socket", ".timer", ".target", ".path", ".swap", ".device"))
+        ]
         known = set(self.baseline.get("failed", [])) if self.baseline is not None else None
         new = [u for u in failed if known is None or u not in known]
         for u in failed:
             if known is not None and u in known:
-                self.row(f"{label}: unit {u}", KNOWN, "failed, as it does when the vendor package boots in the VM")
+                self.row(
+                    f"{label}: unit {u}", KNOWN, "failed, as it does when the vendor package boots in the VM"
+                )
             else:
                 _, tail = self.sh(f"journalctl -b -u {q(u)} -n 8 --no-pager -o cat")
                 why = "" if known is not None else " (no vendor baseline to compare with)"
                 self.row(f"{label}: unit {u}", FAIL, f"failed{why}: {tail[-600:]}")
         status = OK if state in ("running", "degraded") and not new else FAIL
-        self.row(f"{label}: system", status, f"systemctl is-system-running: {state}"
-                 + (f"; failed: {', '.join(failed)}" if failed else ""))
+        self.row(
+            f"{label}: system",
+            status,
+            f"systemctl is-system-running: {state}" + (f"; failed: {', '.join(failed)}" if failed else ""),
+        )
 
     def first_boot(self) -> dict[str, str]:
         self.boot_state("boot 1")
@@ -160,8 +171,11 @@ class Checker:
         after = self.identity(record=False)
         for what in ("host keys", "machine-id"):
             same = after.get(what) == before.get(what)
-            self.row(f"boot 2: {what}", OK if same else FAIL,
-                     "unchanged after the reboot" if same else "changed after the reboot: they must be made once")
+            self.row(
+                f"boot 2: {what}",
+                OK if same else FAIL,
+                "unchanged after the reboot" if same else "changed after the reboot: they must be made once",
+            )
         self.units("boot 2")
 
     # ------------------------------------------------------------------ single checks
@@ -176,15 +190,29 @@ class Checker:
             base = self.baseline or {}
             vendor_keys = base.get("host keys")
             shared = vendor_keys is not None and bool(set(keys.splitlines()) & set(vendor_keys.splitlines()))
-            self.row("ssh host keys", WARN if shared or not keys else OK,
-                     "none on the box" if not keys else
-                     "the vendor's: every box from this bundle shares them" if shared else
-                     f"{len(keys.splitlines())} key(s), not the vendor's" if vendor_keys is not None else
-                     f"{len(keys.splitlines())} key(s)")
+            self.row(
+                "ssh host keys",
+                WARN if shared or not keys else OK,
+                "none on the box"
+                if not keys
+                else "the vendor's: every box from this bundle shares them"
+                if shared
+                else f"{len(keys.splitlines())} key(s), not the vendor's"
+                if vendor_keys is not None
+                else f"{len(keys.splitlines())} key(s)",
+            )
             same_id = base.get("machine-id") is not None and base.get("machine-id") == mid
-            self.row("machine-id", WARN if same_id or not mid else OK,
-                     "empty" if not mid else "the vendor's: every box from this bundle shares it" if same_id
-                     else "set, not the vendor's" if "machine-id" in base else "set")
+            self.row(
+                "machine-id",
+                WARN if same_id or not mid else OK,
+                "empty"
+                if not mid
+                else "the vendor's: every box from this bundle shares it"
+                if same_id
+                else "set, not the vendor's"
+                if "machine-id" in base
+                else "set",
+            )
         return out
 
     def hostname(self) -> None:
@@ -196,18 +224,27 @@ class Checker:
     def mounts(self) -> None:
         _, root = self.sh("findmnt -n -o FSTYPE,OPTIONS /")
         opts = root.split()[-1].split(",") if root else []
-        want = ["lowerdir=/media/root-ro", "upperdir=/media/root-rw/overlay",
-                "workdir=/media/root-rw/overlay-workdir"]
+        want = [
+            "lowerdir=/media/root-ro",
+            "upperdir=/media/root-rw/overlay",
+            "workdir=/media/root-rw/overlay-workdir",
+        ]
         is_overlay = root.startswith("overlay") and all(w in opts for w in want)
         _, src = self.sh("findmnt -n -o SOURCE /media/root-ro; findmnt -n -o SOURCE /media/root-rw")
         srcs = src.split()
         want_src = [f"/dev/mmcblk0p{self.ro_part}", f"/dev/mmcblk0p{self.rw_part}"]
         wrc, werr = self.sh("f=/var/tmp/.airbox-check.$$; touch $f && rm -f $f")
         good = is_overlay and srcs == want_src and "rw" in opts and wrc == 0
-        detail = (f"overlay of {want_src[0]} (ro) and {want_src[1]}, writable" if good else
-                  f"/ is {root or 'unknown'}; lower/upper from {srcs}; write test: {werr or 'ok'}"
-                  + ("; read-only: ROOTFS_RW may have no room for the overlay's work folder"
-                     if "ro" in opts else ""))
+        detail = (
+            f"overlay of {want_src[0]} (ro) and {want_src[1]}, writable"
+            if good
+            else f"/ is {root or 'unknown'}; lower/upper from {srcs}; write test: {werr or 'ok'}"
+            + (
+                "; read-only: ROOTFS_RW may have no room for the overlay's work folder"
+                if "ro" in opts
+                else ""
+            )
+        )
         self.row("root filesystem", OK if good else FAIL, detail)
         _, fstab = self.sh("cat /etc/fstab")
         for line in fstab.splitlines():
@@ -217,8 +254,13 @@ class Checker:
             if f[1] in ("/", "/media/root-ro", "/media/root-rw") or "noauto" in f[3].split(","):
                 continue
             _, got = self.sh(f"findmnt -n -o SOURCE {q(f[1])}")
-            self.row(f"mount {f[1]}", OK if got == f[0] else FAIL,
-                     f"{f[0]}" if got == f[0] else f"expected {f[0]} (the box's /etc/fstab), found {got or 'nothing'}")
+            self.row(
+                f"mount {f[1]}",
+                OK if got == f[0] else FAIL,
+                f"{f[0]}"
+                if got == f[0]
+                else f"expected {f[0]} (the box's /etc/fstab), found {got or 'nothing'}",
+            )
 
     def _retry(self, fn: Callable[[], tuple[bool, str]], seconds: float = 30) -> tuple[bool, str]:
         deadline = time.monotonic() + seconds
@@ -230,12 +272,17 @@ class Checker:
 
     def network(self) -> None:
         for ifc, addrs in sorted(self.e.addresses.items()):
+
             def probe(ifc: str = ifc, addrs: tuple[str, ...] = addrs) -> tuple[bool, str]:
                 _, out = self.sh(f"ip -o addr show dev {q(ifc)} 2>&1")
                 have = set(re.findall(r"inet6? (\S+)", out))
                 missing = [a for a in addrs if a not in have]
-                return not missing, (f"{', '.join(addrs)}" if not missing else
-                                     f"missing {', '.join(missing)}; has {', '.join(sorted(have)) or 'no address'}")
+                return not missing, (
+                    f"{', '.join(addrs)}"
+                    if not missing
+                    else f"missing {', '.join(missing)}; has {', '.join(sorted(have)) or 'no address'}"
+                )
+
             ok, detail = self._retry(probe)
             if not ok:
                 # netplan's own verdict names a file it rejects; networkd's state says the rest
@@ -245,12 +292,20 @@ class Checker:
             self.row(f"address {ifc}", OK if ok else FAIL, detail)
         for ifc, gw in sorted(self.e.gateways.items()):
             _, out = self.sh(f"ip route show default dev {q(ifc)}")
-            self.row(f"gateway {ifc}", OK if f"via {gw}" in out else FAIL, out or f"no default route via {gw}")
+            self.row(
+                f"gateway {ifc}", OK if f"via {gw}" in out else FAIL, out or f"no default route via {gw}"
+            )
         for ifc, ns in sorted(self.e.nameservers.items()):
+
             def probe_dns(ifc: str = ifc, ns: tuple[str, ...] = ns) -> tuple[bool, str]:
-                _, out = self.sh(f"resolvectl dns {q(ifc)} 2>/dev/null || networkctl status {q(ifc)} --no-pager")
+                _, out = self.sh(
+                    f"resolvectl dns {q(ifc)} 2>/dev/null || networkctl status {q(ifc)} --no-pager"
+                )
                 missing = [n for n in ns if n not in out]
-                return not missing, ", ".join(ns) if not missing else f"missing {', '.join(missing)}: {out[-200:]}"
+                return not missing, ", ".join(
+                    ns
+                ) if not missing else f"missing {', '.join(missing)}: {out[-200:]}"
+
             ok, detail = self._retry(probe_dns, 15)
             self.row(f"nameservers {ifc}", OK if ok else FAIL, detail)
 
@@ -258,9 +313,13 @@ class Checker:
         if not self.e.files:
             return
         paths = [c["device_path"] for c in self.e.files]
-        _, out = self.sh("for p in " + " ".join(q(p) for p in paths) +
-                         "; do if [ -f \"$p\" ]; then echo \"$(sha256sum < \"$p\" | cut -d' ' -f1) "
-                         "$(stat -c '%a %u:%g' \"$p\") $p\"; else echo \"- - - $p\"; fi; done", timeout=300)
+        _, out = self.sh(
+            "for p in "
+            + " ".join(q(p) for p in paths)
+            + '; do if [ -f "$p" ]; then echo "$(sha256sum < "$p" | cut -d\' \' -f1) '
+            '$(stat -c \'%a %u:%g\' "$p") $p"; else echo "- - - $p"; fi; done',
+            timeout=300,
+        )
         seen = {}
         for line in out.splitlines():
             f = line.split(" ", 3)
@@ -272,25 +331,37 @@ class Checker:
             want = [c["sha256"], str(int(c["mode"], 8) if c.get("mode") else ""), c.get("owner") or ""]
             want[1] = f"{int(c['mode'], 8):o}" if c.get("mode") else ""
             if got is None or got[0] != want[0]:
-                bad.append(f"{c['device_path']}: {'missing' if got is None or got[0] == '-' else 'other content'}")
+                bad.append(
+                    f"{c['device_path']}: {'missing' if got is None or got[0] == '-' else 'other content'}"
+                )
             elif (want[1] and got[1] != want[1]) or (want[2] and got[2] != want[2]):
                 bad.append(f"{c['device_path']}: mode/owner {got[1]} {got[2]}, built {want[1]} {want[2]}")
         for p in self.e.removed:
             rc, _ = self.sh(f"test -e {q(p)} -o -L {q(p)}")
             if rc == 0:
                 bad.append(f"{p}: still there (the recipe removes it)")
-        self.row("files as built", FAIL if bad else OK,
-                 "; ".join(bad[:8]) if bad else f"{len(self.e.files)} file(s): content, mode and owner as built"
-                 + (f", {len(self.e.removed)} removal(s)" if self.e.removed else ""))
+        self.row(
+            "files as built",
+            FAIL if bad else OK,
+            "; ".join(bad[:8])
+            if bad
+            else f"{len(self.e.files)} file(s): content, mode and owner as built"
+            + (f", {len(self.e.removed)} removal(s)" if self.e.removed else ""),
+        )
 
     def units(self, label: str) -> None:
         for u in self.e.units:
+
             def probe(u: str = u) -> tuple[bool, str]:
                 _, out = self.sh(f"systemctl show -p ActiveState,SubState,Result,Type {q(u)}")
                 props = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
                 oneshot_done = props.get("Type") == "oneshot" and props.get("Result") == "success"
                 ok = props.get("ActiveState") == "active" or oneshot_done
-                return ok, f"{props.get('ActiveState')} ({props.get('SubState')}, result {props.get('Result')})"
+                return (
+                    ok,
+                    f"{props.get('ActiveState')} ({props.get('SubState')}, result {props.get('Result')})",
+                )
+
             ok, detail = self._retry(probe, 20)
             if not ok:
                 _, tail = self.sh(f"journalctl -b -u {q(u)} -n 8 --no-pager -o cat")
@@ -299,11 +370,15 @@ class Checker:
         if label == "boot 1":
             for u in self.e.disabled:
                 _, st = self.sh(f"systemctl is-enabled {q(u)} 2>&1")
-                self.row(f"unit {u} disabled", OK if st in ("disabled", "masked") or "not" in st else FAIL, st)
+                self.row(
+                    f"unit {u} disabled", OK if st in ("disabled", "masked") or "not" in st else FAIL, st
+                )
 
     # ------------------------------------------------------------------ from outside
 
-    def _ssh(self, user: str, extra: Iterable[str], cmd: str = "id -un", timeout: float = 60) -> tuple[int, str]:
+    def _ssh(
+        self, user: str, extra: Iterable[str], cmd: str = "id -un", timeout: float = 60
+    ) -> tuple[int, str]:
         args = [
             "ssh", "-p", str(self.ssh_port), "-o", f"UserKnownHostsFile={self.known_hosts}",
             "-o", "StrictHostKeyChecking=yes", "-o", "GlobalKnownHostsFile=/dev/null",
@@ -311,7 +386,9 @@ class Checker:
             f"{user}@127.0.0.1", cmd,
         ]  # fmt: skip
         try:
-            p = subprocess.run(args, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+            p = subprocess.run(
+                args, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+            )
         except subprocess.TimeoutExpired:
             return 255, "ssh timed out"
         return p.returncode, (p.stdout + p.stderr).strip()
@@ -325,7 +402,7 @@ class Checker:
             return
         self.row("sshd", OK, "active; sshd -t accepts the configuration")
         user = next(iter(self.e.users), "root")
-        rc, out = self._ssh(user, ["-v", "-o", "PreferredAuthentications=none"], "true")
+        _, out = self._ssh(user, ["-v", "-o", "PreferredAuthentications=none"], "true")
         m = re.search(r"Authentications that can continue: (\S+)", out)
         if "Host key verification failed" in out or "REMOTE HOST IDENTIFICATION" in out:
             self.row("ssh host key", FAIL, "the box presents a key other than the one it holds")
@@ -335,14 +412,24 @@ class Checker:
             return
         methods = m[1].split(",")
         offered = "password" in methods or "keyboard-interactive" in methods
-        _, eff = self.sh(f"sshd -T -C user={q(user)},host=check,addr=10.0.2.2 2>/dev/null | grep -i '^passwordauthentication'")
+        _, eff = self.sh(
+            f"sshd -T -C user={q(user)},host=check,addr=10.0.2.2 2>/dev/null "
+            "| grep -i '^passwordauthentication'"
+        )
         detail = f"offers {','.join(methods)}; {eff or 'sshd -T: ?'}"
         if self.e.password_auth is False:
-            self.row("ssh password login", FAIL if offered else OK,
-                     ("offered, but the recipe turns it off: " if offered else "refused, as the recipe says: ") + detail)
+            self.row(
+                "ssh password login",
+                FAIL if offered else OK,
+                ("offered, but the recipe turns it off: " if offered else "refused, as the recipe says: ")
+                + detail,
+            )
         else:
-            self.row("ssh password login", WARN if offered else OK,
-                     ("offered: " if offered else "refused: ") + detail)
+            self.row(
+                "ssh password login",
+                WARN if offered else OK,
+                ("offered: " if offered else "refused: ") + detail,
+            )
 
     def users(self) -> None:
         pubs = {self._pubkey(i): i for i in self.identities}
@@ -358,7 +445,9 @@ class Checker:
                 continue
             home = f[5]
             ak = f"{home}/.ssh/authorized_keys"
-            _, st = self.sh(f"stat -c '%n %U %a' {q(home)} {q(home + '/.ssh')} {q(ak)} 2>&1; cat {q(ak)} 2>/dev/null")
+            _, st = self.sh(
+                f"stat -c '%n %U %a' {q(home)} {q(home + '/.ssh')} {q(ak)} 2>&1; cat {q(ak)} 2>/dev/null"
+            )
             problems = []
             lines = st.splitlines()
             for line in lines[:3]:
@@ -373,23 +462,41 @@ class Checker:
             for k in keys:
                 if " ".join(k.split()[:2]) not in content:
                     problems.append(f"key {k.split()[-1]} is not in {ak}")
-            self.row(f"user {name}: authorized_keys", FAIL if problems else OK,
-                     "; ".join(problems) if problems else f"{len(keys)} key(s), owner and modes as sshd wants")
+            self.row(
+                f"user {name}: authorized_keys",
+                FAIL if problems else OK,
+                "; ".join(problems) if problems else f"{len(keys)} key(s), owner and modes as sshd wants",
+            )
             for k in keys:
                 ident = pubs.get(" ".join(k.split()[:2]))
-                label = f"user {name}: login with {k.split()[0]} {k.split()[-1] if len(k.split()) > 2 else ''}".rstrip()
+                comment = k.split()[-1] if len(k.split()) > 2 else ""
+                label = f"user {name}: login with {k.split()[0]} {comment}".rstrip()
                 if ident is None:
                     self.row(label, WARN, "not tried: no private key for it (pass --identity FILE)")
                     continue
-                rc, out = self._ssh(name, ["-i", str(ident), "-o", "IdentitiesOnly=yes",
-                                           "-o", "PreferredAuthentications=publickey"])
+                rc, out = self._ssh(
+                    name,
+                    [
+                        "-i",
+                        str(ident),
+                        "-o",
+                        "IdentitiesOnly=yes",
+                        "-o",
+                        "PreferredAuthentications=publickey",
+                    ],
+                )
                 ok = rc == 0 and out.splitlines()[-1:] == [name]
                 self.row(label, OK if ok else FAIL, "logged in" if ok else f"refused: {out[-300:]}")
 
     @staticmethod
     def _pubkey(identity: Path) -> str:
-        p = subprocess.run(["ssh-keygen", "-y", "-f", str(identity)], capture_output=True, text=True,
-                           stdin=subprocess.DEVNULL, check=False)
+        p = subprocess.run(
+            ["ssh-keygen", "-y", "-f", str(identity)],
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
         return " ".join(p.stdout.split()[:2])
 
     def ports(self) -> None:
@@ -406,14 +513,19 @@ class Checker:
                     return True, f"HTTP {e.code}"
                 except OSError as e:
                     return False, f"no answer ({e})"
+
             ok, detail = self._retry(probe, 30)
-            self.row(f"app {app}: port {port}", OK if ok else FAIL, detail + f" (forwarded to 127.0.0.1:{host})")
+            self.row(
+                f"app {app}: port {port}", OK if ok else FAIL, detail + f" (forwarded to 127.0.0.1:{host})"
+            )
 
 
 def baseline_facts(agent: Agent) -> dict[str, Any]:
     """What the unmodified vendor package does in the VM: failed units, host keys, machine-id."""
     agent.run("systemctl is-system-running --wait", timeout=300)
-    failed = agent.run("systemctl list-units --state=failed --no-legend --plain | awk '{print $1}'").out.split()
+    failed = agent.run(
+        "systemctl list-units --state=failed --no-legend --plain | awk '{print $1}'"
+    ).out.split()
     keys = agent.run("cat /etc/ssh/ssh_host_*_key.pub 2>/dev/null | sort").out.strip()
     mid = agent.run("cat /etc/machine-id 2>/dev/null").out.strip()
     return {"failed": sorted(u for u in failed if u != UNIT_NAME), "host keys": keys, "machine-id": mid}

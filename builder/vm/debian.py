@@ -114,9 +114,11 @@ def _deb822(text: str) -> Iterator[tuple[list[str], list[str], list[str]]]:
             fields[k.strip().lower()] = v.strip()
         if "deb" not in fields.get("types", "").split() or fields.get("enabled", "yes").lower() == "no":
             continue
-        yield fields.get("uris", "").split(), fields.get("suites", "").split(), fields.get(
-            "components", ""
-        ).split()
+        yield (
+            fields.get("uris", "").split(),
+            fields.get("suites", "").split(),
+            fields.get("components", "").split(),
+        )
 
 
 # ----------------------------------------------------------------------------- versions

@@ -163,7 +163,7 @@ def module_order(available: Mapping[str, bytes], builtin: Iterable[str], wanted:
             )
         seen.add(name)
         m = re.search(rb"(?:^|\0)depends=([^\0]*)", available[name])
-        for dep in (m[1].decode().split(",") if m else []):
+        for dep in m[1].decode().split(",") if m else []:
             if dep:
                 visit(dep, (*chain, name))
         order.append(name)
@@ -173,7 +173,9 @@ def module_order(available: Mapping[str, bytes], builtin: Iterable[str], wanted:
     return order
 
 
-def build_base_initrd(kernel_deb: tarfile.TarFile, busybox_deb: tarfile.TarFile, dest_dir: Path) -> KernelFiles:
+def build_base_initrd(
+    kernel_deb: tarfile.TarFile, busybox_deb: tarfile.TarFile, dest_dir: Path
+) -> KernelFiles:
     """Unpack vmlinuz from the kernel package and write the base initramfs beside it."""
     vmlinuz: tarfile.TarInfo | None = None
     kos: dict[str, tarfile.TarInfo] = {}

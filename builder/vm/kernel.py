@@ -38,11 +38,16 @@ def vm_kernel(
     """(kernel files, a one-line description). Offline, the last resolution is used."""
     index = DebianIndex(list(archives) if archives else host_archives(), ARCH, opts, keyring=keyring)
     meta = index.newest_many([KERNEL_META, BUSYBOX])
-    image_name = next((d for d in depends_names(meta[KERNEL_META].depends) if d.startswith("linux-image-")), None)
+    image_name = next(
+        (d for d in depends_names(meta[KERNEL_META].depends) if d.startswith("linux-image-")), None
+    )
     kernel_pkg = index.newest_many([image_name])[image_name] if image_name else meta[KERNEL_META]
     busybox_pkg = meta[BUSYBOX]
     dest = opts.cache_dir / "vm" / _key(kernel_pkg.sha256, busybox_pkg.sha256)
-    desc = f"{kernel_pkg.name} {kernel_pkg.version} ({kernel_pkg.archive.suite}), {BUSYBOX} {busybox_pkg.version}"
+    desc = (
+        f"{kernel_pkg.name} {kernel_pkg.version} ({kernel_pkg.archive.suite}), "
+        f"{BUSYBOX} {busybox_pkg.version}"
+    )
     done = dest / "version"
     if done.exists():
         return KernelFiles(dest / "vmlinuz", dest / "initrd.base", done.read_text().strip()), desc

@@ -91,6 +91,12 @@ class Flash:
     reused: bool
 
 
+def bundle_digest(card: Path) -> str:
+    """What identifies a bundle (its md5.txt, names and sizes), without reading its chunks."""
+    with tempfile.TemporaryDirectory(prefix="airbox-boot-") as tmp, open_package(card, Path(tmp)) as files:
+        return _bundle_digest(files)
+
+
 def _bundle_digest(files: Any) -> str:
     h = hashlib.sha256()
     names = files.names()
@@ -116,9 +122,10 @@ def flash(bundle: Bundle, progress: Any = None) -> Flash:
     state = bundle.state
     state.mkdir(parents=True, exist_ok=True)
     image, meta = state / "flash.img", state / "flash.json"
-    with tempfile.TemporaryDirectory(prefix="airbox-boot-", dir=state) as tmp, open_package(
-        bundle.card, Path(tmp)
-    ) as files:
+    with (
+        tempfile.TemporaryDirectory(prefix="airbox-boot-", dir=state) as tmp,
+        open_package(bundle.card, Path(tmp)) as files,
+    ):
         digest = _bundle_digest(files)
         if meta.exists() and image.exists():
             old = json.loads(meta.read_text())
@@ -159,9 +166,13 @@ def prepare_disk(state: Path, fl: Flash, *, fresh: bool) -> tuple[Path, bool]:
     """state/disk.qcow2 over the pristine flash; a new one when fresh, missing or the bundle changed.
     Returns (path, new)."""
     disk, meta = state / "disk.qcow2", state / "disk.json"
-    if not fresh and disk.exists() and meta.exists():
-        if json.loads(meta.read_text()).get("digest") == fl.digest:
-            return disk, False
+    if (
+        not fresh
+        and disk.exists()
+        and meta.exists()
+        and json.loads(meta.read_text()).get("digest") == fl.digest
+    ):
+        return disk, False
     disk.unlink(missing_ok=True)
     size = fl.image.stat().st_size
     run(
@@ -208,8 +219,14 @@ class VM:
         if not p.exists():
             return None
         d = json.loads(p.read_text())
-        vm = cls(state, d["pid"], d["ssh_port"], {int(k): v for k, v in d["ports"].items()}, Path(d["sock"]),
-                 d["started"])
+        vm = cls(
+            state,
+            d["pid"],
+            d["ssh_port"],
+            {int(k): v for k, v in d["ports"].items()},
+            Path(d["sock"]),
+            d["started"],
+        )
         if not vm.alive():
             p.unlink(missing_ok=True)
             return None
@@ -306,7 +323,7 @@ def start(
     )
     cmd = [
         find_tool(QEMU) or QEMU,
-        "-name", f"airbox-vm,debug-threads=off",
+        "-name", "airbox-vm,debug-threads=off",
         "-machine", "virt", "-cpu", "cortex-a53", "-smp", str(cpus), "-m", str(memory_mib),
         "-display", "none", "-monitor", "none",
         "-serial", "stdio" if console else f"file:{log}",

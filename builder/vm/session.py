@@ -78,16 +78,18 @@ def baseline(
     """Boot the unmodified vendor package once (per package and kernel) and remember what it does."""
     work = opts.cache_dir / "vm"
     work.mkdir(parents=True, exist_ok=True)
-    probe = machine.locate(vendor, state=Path(tempfile.mkdtemp(prefix="baseline-work-", dir=work)))
-    try:
-        flashed = machine.flash(probe)  # also gives the package's identity
-        key = hashlib.sha256(f"{flashed.digest} {kernel.kernel.parent.name}".encode()).hexdigest()[:20]
-        memo = work / f"baseline-{key}.json"
-        with open(work / f"baseline-{key}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent run waits for the first one's answer
-            if memo.exists():
-                return dict(json.loads(memo.read_text()))
-            info(f"booting the unmodified vendor package once to learn what fails there ({vendor})")
+    key = hashlib.sha256(f"{machine.bundle_digest(vendor)} {kernel.kernel.parent.name}".encode()).hexdigest()[
+        :20
+    ]
+    memo = work / f"baseline-{key}.json"
+    with open(work / f"baseline-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent run waits for the first one's answer
+        if memo.exists():
+            return dict(json.loads(memo.read_text()))
+        info(f"booting the unmodified vendor package once to learn what fails there ({vendor})")
+        probe = machine.locate(vendor, state=Path(tempfile.mkdtemp(prefix="baseline-work-", dir=work)))
+        try:
+            flashed = machine.flash(probe)
             disk, _ = machine.prepare_disk(probe.state, flashed, fresh=True)
             vm = machine.start(probe.state, kernel, disk, flashed)
             try:
@@ -97,12 +99,12 @@ def baseline(
                 ag.close()
             finally:
                 vm.stop(clean=False)
-            tmp = memo.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(facts, indent=1, sort_keys=True) + "\n")
-            tmp.replace(memo)
-            return facts
-    finally:
-        shutil.rmtree(probe.state, ignore_errors=True)
+        finally:
+            shutil.rmtree(probe.state, ignore_errors=True)
+        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(facts, indent=1, sort_keys=True) + "\n")
+        tmp.replace(memo)
+        return facts
 
 
 def _boot_id(ag: Agent) -> str:
@@ -126,8 +128,9 @@ def _reboot(vm: machine.VM, ag: Agent, timeout: float) -> None:
             pass
         ag.close()
         time.sleep(1)
-    raise AirboxError(f"the box did not come back within {timeout:.0f} s after a reboot",
-                      hint="read boot/console.log")
+    raise AirboxError(
+        f"the box did not come back within {timeout:.0f} s after a reboot", hint="read boot/console.log"
+    )
 
 
 def boot(
@@ -145,7 +148,8 @@ def boot(
     running = machine.VM.load(bundle.state)
     if running is not None:
         raise AirboxError(
-            f"a VM of this bundle is already running (pid {running.pid}, ssh on 127.0.0.1:{running.ssh_port})",
+            f"a VM of this bundle is already running (pid {running.pid}, "
+            f"ssh on 127.0.0.1:{running.ssh_port})",
             hint=f"use it (`airbox-build ssh {path}`), or stop it: airbox-build boot {path} --stop",
         )
     recipe = _load_recipe(bundle, o.recipe) if o.check else None
@@ -155,8 +159,10 @@ def boot(
     fl = machine.flash(bundle)
     disk, new = machine.prepare_disk(bundle.state, fl, fresh=o.fresh)
     result.timings["flash"] = time.monotonic() - t0 - result.timings["kernel"]
-    info(f"eMMC: {'reused the flash of this bundle' if fl.reused else 'flashed the bundle'}; "
-         f"{'a new box (first boot)' if new else 'the same box again (its state kept; --fresh for a new one)'}")
+    info(
+        f"eMMC: {'reused the flash of this bundle' if fl.reused else 'flashed the bundle'}; "
+        f"{'a new box (first boot)' if new else 'the same box again (its state kept; --fresh for a new one)'}"
+    )
     base_facts: dict[str, Any] | None = None
     if o.check:
         vendor = _vendor_path(bundle, o.baseline, fetch_opts)
@@ -171,9 +177,13 @@ def boot(
     with machine.running(vm, keep=o.keep or not o.check):
         ag = vm.agent()
         ag.wait_ready(o.timeout, vm.alive)
+        # up = systemd finished booting (running or degraded): sshd and the apps have started
+        state = ag.run("systemctl is-system-running --wait", timeout=o.timeout).out.strip()
         result.timings["up"] = time.monotonic() - t_start
-        info(f"the box is up after {result.timings['up']:.1f} s; ssh on 127.0.0.1:{vm.ssh_port}"
-             + "".join(f", port {g} on 127.0.0.1:{h}" for g, h in vm.ports.items() if g != machine.GUEST_SSH))
+        info(
+            f"the box is up after {result.timings['up']:.1f} s ({state}); ssh on 127.0.0.1:{vm.ssh_port}"
+            + "".join(f", port {g} on 127.0.0.1:{h}" for g, h in vm.ports.items() if g != machine.GUEST_SSH)
+        )
         if not o.check:
             ag.close()
             return result

@@ -10,6 +10,8 @@ from typing import Any
 
 import click
 
+from builder.vm.check import HOST_ALIAS
+
 
 def register(
     group: click.Group,
@@ -226,10 +228,10 @@ def register(
         if not kh.exists():
             _record_host_keys(vm, kh)
         if user is None:
-            users = [c.get("device_path", "") for c in bundle.report.get("changes", [])]
-            user = next(
-                (p.split("/")[2] for p in users if p.startswith("/home/") and p.count("/") >= 3), "linaro"
-            )
+            from builder.vm.session import load_recipe_of
+
+            recipe = load_recipe_of(bundle, None)
+            user = recipe.users[0].name if recipe is not None and recipe.users else "linaro"
         args = [
             "ssh",
             "-p",
@@ -238,6 +240,8 @@ def register(
             f"UserKnownHostsFile={kh}",
             "-o",
             "StrictHostKeyChecking=yes",
+            "-o",
+            f"HostKeyAlias={HOST_ALIAS}",
             "-o",
             "GlobalKnownHostsFile=/dev/null",
         ]
@@ -254,6 +258,6 @@ def _record_host_keys(vm: Any, known_hosts: Path) -> None:
     ag.close()
     known_hosts.write_text(
         "".join(
-            f"[127.0.0.1]:{vm.ssh_port} {' '.join(k.split()[:2])}\n" for k in keys.splitlines() if k.strip()
+            f"{HOST_ALIAS} {' '.join(k.split()[:2])}\n" for k in keys.splitlines() if k.strip()
         )
     )

@@ -21,6 +21,8 @@ from typing import Any
 from builder.vm.agent import UNIT_NAME, Agent
 
 OK, FAIL, WARN, KNOWN = "ok", "FAIL", "warn", "known"
+# the name boot/known_hosts holds the box's keys under: the forwarded port changes every boot
+HOST_ALIAS = "airbox-vm"
 SSHD_CONF = re.compile(r"^\s*PasswordAuthentication\s+(yes|no)\b", re.I | re.M)
 
 
@@ -185,7 +187,7 @@ class Checker:
         _, mid = self.sh("cat /etc/machine-id 2>/dev/null")
         out = {"host keys": keys, "machine-id": mid}
         if record:
-            lines = [f"[127.0.0.1]:{self.ssh_port} {' '.join(k.split()[:2])}" for k in keys.splitlines() if k]
+            lines = [f"{HOST_ALIAS} {' '.join(k.split()[:2])}" for k in keys.splitlines() if k]
             self.known_hosts.write_text("\n".join(lines) + "\n")
             base = self.baseline or {}
             vendor_keys = base.get("host keys")
@@ -382,6 +384,7 @@ class Checker:
         args = [
             "ssh", "-p", str(self.ssh_port), "-o", f"UserKnownHostsFile={self.known_hosts}",
             "-o", "StrictHostKeyChecking=yes", "-o", "GlobalKnownHostsFile=/dev/null",
+            "-o", f"HostKeyAlias={HOST_ALIAS}",
             "-o", "BatchMode=yes", "-o", "ConnectTimeout=20", "-F", "/dev/null", *extra,
             f"{user}@127.0.0.1", cmd,
         ]  # fmt: skip

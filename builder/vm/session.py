@@ -46,7 +46,7 @@ class BootResult:
         return not any(r.status == FAIL for r in self.rows)
 
 
-def _load_recipe(bundle: machine.Bundle, path: Path | None) -> Any:
+def load_recipe_of(bundle: machine.Bundle, path: Path | None) -> Any:
     from builder.recipe import load_recipe
 
     if path is None:
@@ -152,7 +152,7 @@ def boot(
             f"ssh on 127.0.0.1:{running.ssh_port})",
             hint=f"use it (`airbox-build ssh {path}`), or stop it: airbox-build boot {path} --stop",
         )
-    recipe = _load_recipe(bundle, o.recipe) if o.check else None
+    recipe = load_recipe_of(bundle, o.recipe) if o.check else None
     kernel = o.kernel or kernel_files()
     result = BootResult(None)
     result.timings["kernel"] = time.monotonic() - t0

@@ -10,8 +10,6 @@ from typing import Any
 
 import click
 
-from builder.vm.check import HOST_ALIAS
-
 
 def register(
     group: click.Group,
@@ -217,6 +215,7 @@ def register(
         """SSH into the running VM of a bundle (started with `boot --keep`), host key pinned."""
         from builder.errors import AirboxError
         from builder.vm import machine
+        from builder.vm.check import HOST_ALIAS
 
         bundle = machine.locate(path)
         vm = machine.VM.load(bundle.state)
@@ -252,6 +251,8 @@ def register(
 
 
 def _record_host_keys(vm: Any, known_hosts: Path) -> None:
+    from builder.vm.check import HOST_ALIAS
+
     ag = vm.agent()
     ag.wait_ready(60, vm.alive)
     keys = ag.run("cat /etc/ssh/ssh_host_*_key.pub").out

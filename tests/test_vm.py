@@ -191,7 +191,12 @@ def test_recipe_bundle_passes_check_twice(
         network={
             "ethernets": {
                 "eth0": {"dhcp4": True},
-                "eth1": {"addresses": ["192.168.150.11/24"], "nameservers": ["223.5.5.5"], "optional": True},
+                "eth1": {
+                    "addresses": ["192.168.150.11/24"],
+                    "nameservers": ["223.5.5.5"],
+                    "routes": [{"to": "10.20.0.0/16", "via": "192.168.150.254"}],
+                    "optional": True,
+                },
             }
         },
         apt={"mirror": "https://mirrors.tuna.tsinghua.edu.cn/debian/"},
@@ -214,6 +219,7 @@ def test_recipe_bundle_passes_check_twice(
         ("hostname", "ok"),
         ("address eth1", "ok"),
         ("nameservers eth1", "ok"),
+        ("routes eth1", "ok"),
         ("files as built", "ok"),
         ("ssh password login", "ok"),
         ("user linaro: authorized_keys", "ok"),

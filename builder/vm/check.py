@@ -43,6 +43,7 @@ class Expect:
     hostname: str | None = None
     addresses: dict[str, tuple[str, ...]] = field(default_factory=dict)  # interface -> CIDRs
     gateways: dict[str, str] = field(default_factory=dict)
+    routes: dict[str, tuple[tuple[str, str | None], ...]] = field(default_factory=dict)  # (to, via)
     nameservers: dict[str, tuple[str, ...]] = field(default_factory=dict)
     users: dict[str, tuple[str, ...]] = field(default_factory=dict)  # name -> authorized keys
     password_auth: bool | None = None  # what the recipe's sshd config says, if it says
@@ -63,6 +64,8 @@ def expectations(recipe: Any, report: Mapping[str, Any]) -> Expect:
                     e.addresses[i.name] = tuple(i.addresses)
                 if i.gateway4:
                     e.gateways[i.name] = i.gateway4
+                if i.routes:
+                    e.routes[i.name] = tuple((r.to, r.via) for r in i.routes)
                 if i.nameservers is not None and i.nameservers.addresses:
                     e.nameservers[i.name] = tuple(i.nameservers.addresses)
         e.users = {u.name: tuple(u.ssh_authorized_keys) for u in recipe.users}
@@ -296,6 +299,24 @@ class Checker:
             _, out = self.sh(f"ip route show default dev {q(ifc)}")
             self.row(
                 f"gateway {ifc}", OK if f"via {gw}" in out else FAIL, out or f"no default route via {gw}"
+            )
+        for ifc, routes in sorted(self.e.routes.items()):
+            _, out = self.sh(f"ip route show dev {q(ifc)}; ip -6 route show dev {q(ifc)}")
+            table = [" ".join(line.split()) for line in out.splitlines()]
+            missing = [
+                f"{to}" + (f" via {via}" if via else "")
+                for to, via in routes
+                if not any(
+                    line.startswith(to + " ") and (via is None or f" via {via}" in f" {line}")
+                    for line in table
+                )
+            ]
+            self.row(
+                f"routes {ifc}",
+                FAIL if missing else OK,
+                f"missing {', '.join(missing)}; has: {'; '.join(table) or 'none'}"
+                if missing
+                else f"{len(routes)} route(s) as the recipe says",
             )
         for ifc, ns in sorted(self.e.nameservers.items()):
 

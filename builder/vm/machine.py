@@ -92,7 +92,7 @@ class Flash:
 
 
 def bundle_digest(card: Path) -> str:
-    """What identifies a bundle (its md5.txt, names and sizes), without reading its chunks."""
+    """What identifies a bundle (its md5.txt, every file's identity), without reading its chunks."""
     with tempfile.TemporaryDirectory(prefix="airbox-boot-") as tmp, open_package(card, Path(tmp)) as files:
         return _bundle_digest(files)
 
@@ -103,8 +103,8 @@ def _bundle_digest(files: Any) -> str:
     if "md5.txt" in names:
         with files.open("md5.txt") as f:
             h.update(f.read())
-    for n in sorted(names):
-        h.update(f"{n}\0{files.size(n)}\n".encode())
+    for n in sorted(names):  # each file's identity (path, size, mtime, inode), as the image cache keys
+        h.update(json.dumps(files.member_identity(n), default=str).encode() + b"\n")
     return h.hexdigest()
 
 

@@ -141,8 +141,8 @@ class MiniArchive:
 
 @pytest.fixture
 def archive(tmp_path: Path):  # type: ignore[no-untyped-def]
-    if shutil.which("gpg") is None or shutil.which("gpgv") is None:
-        pytest.skip("needs gpg and gpgv (Debian packages gnupg, gpgv)")
+    if any(shutil.which(t) is None for t in ("gpg", "gpgv", "cpio")):
+        pytest.skip("needs gpg, gpgv and cpio (Debian packages gnupg, gpgv, cpio)")
     with LocalHTTPServer() as server:
         yield MiniArchive(tmp_path, server)
 

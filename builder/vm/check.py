@@ -87,7 +87,12 @@ def expectations(recipe: Any, report: Mapping[str, Any]) -> Expect:
         and c["action"] in ("added", "changed")
         and " apps." not in c.get("origin", "")
     )
-    e.removed = tuple(c["device_path"] for c in report.get("changes", []) if c["action"] == "removed")
+    written = {
+        c["device_path"] for c in report.get("changes", []) if c["action"].startswith(("added", "changed"))
+    }
+    e.removed = tuple(
+        sorted({c["device_path"] for c in report.get("changes", []) if c["action"] == "removed"} - written)
+    )
     return e
 
 
@@ -351,8 +356,7 @@ class Checker:
         bad = []
         for c in self.e.files:
             got = seen.get(c["device_path"])
-            want = [c["sha256"], str(int(c["mode"], 8) if c.get("mode") else ""), c.get("owner") or ""]
-            want[1] = f"{int(c['mode'], 8):o}" if c.get("mode") else ""
+            want = [c["sha256"], f"{int(c['mode'], 8):o}" if c.get("mode") else "", c.get("owner") or ""]
             if got is None or got[0] != want[0]:
                 bad.append(
                     f"{c['device_path']}: {'missing' if got is None or got[0] == '-' else 'other content'}"

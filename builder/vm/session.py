@@ -17,7 +17,7 @@ from typing import Any
 from builder.errors import AirboxError
 from builder.fetch import FetchOptions
 from builder.vm import machine
-from builder.vm.agent import Agent
+from builder.vm.agent import Agent, AgentError
 from builder.vm.check import FAIL, Checker, Row, baseline_facts, expectations
 from builder.vm.initramfs import KernelFiles
 
@@ -176,7 +176,15 @@ def boot(
     result.vm = vm
     with machine.running(vm, keep=o.keep or not o.check):
         ag = vm.agent()
-        ag.wait_ready(o.timeout, vm.alive)
+        try:
+            ag.wait_ready(o.timeout, vm.alive)
+        except AgentError as e:
+            if o.kernel is not None:  # --kernel/--initrd: an initrd of its own has no agent in it
+                e.hint = (
+                    "the --initrd given may not be one airbox-build made (its /init starts the check agent): "
+                    f"use the cached one (CACHE/vm/*/initrd.base) or drop --kernel/--initrd; {e.hint}"
+                )
+            raise
         # up = systemd finished booting (running or degraded): sshd and the apps have started
         state = ag.run("systemctl is-system-running --wait", timeout=o.timeout).out.strip()
         result.timings["up"] = time.monotonic() - t_start

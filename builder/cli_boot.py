@@ -145,10 +145,7 @@ def register(
             reporter.info(f"kernel: {desc}")
             return files
 
-        rows: list[Any] = []
-
         def on_row(r: Any) -> None:
-            rows.append(r)
             reporter.event("check", **r.as_event())
             if not reporter.json_mode:
                 mark = {"ok": "ok  ", "FAIL": "FAIL", "warn": "warn", "known": "vend"}[r.status]

@@ -14,7 +14,7 @@ import io
 import re
 import stat
 import tarfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,8 +145,10 @@ def _norm(name: str) -> str:
     return name.replace("-", "_")
 
 
-def module_order(available: Mapping[str, bytes], builtin: Iterable[str], wanted: Iterable[str]) -> list[str]:
-    """Modules to load, dependencies first; `available` maps names to .ko bytes."""
+def module_order(
+    read_module: Callable[[str], bytes | None], builtin: Iterable[str], wanted: Iterable[str]
+) -> list[str]:
+    """Modules to load, dependencies first; `read_module` gives a module's .ko bytes (None: absent)."""
     builtin_set = {_norm(b) for b in builtin}
     order: list[str] = []
     seen: set[str] = set()
@@ -155,14 +157,15 @@ def module_order(available: Mapping[str, bytes], builtin: Iterable[str], wanted:
         name = _norm(name)
         if name in seen or name in builtin_set:
             return
-        if name not in available:
+        data = read_module(name)
+        if data is None:
             raise FetchError(
                 f"kernel module {name} (needed by {' <- '.join(chain) or 'the VM'}) is neither in the "
                 "kernel package nor built in",
                 hint="use Debian's linux-image-arm64, or give a kernel with it built in (--kernel/--initrd)",
             )
         seen.add(name)
-        m = re.search(rb"(?:^|\0)depends=([^\0]*)", available[name])
+        m = re.search(rb"(?:^|\0)depends=([^\0]*)", data)
         for dep in m[1].decode().split(",") if m else []:
             if dep:
                 visit(dep, (*chain, name))
@@ -191,25 +194,23 @@ def build_base_initrd(
             builtin = m
     if vmlinuz is None:
         raise FetchError("the kernel package holds no boot/vmlinuz-*", hint="pass --kernel/--initrd")
-    needed: dict[str, bytes] = {}
+    needed: dict[str, bytes] = {}  # only the modules the VM loads are read out of the package
 
-    class _Lazy(dict[str, bytes]):
-        def __contains__(self, key: object) -> bool:
-            return key in kos
-
-        def __getitem__(self, key: str) -> bytes:
-            if key not in needed:
-                f = kernel_deb.extractfile(kos[key])
-                assert f is not None
-                needed[key] = f.read()
-            return needed[key]
+    def read_module(name: str) -> bytes | None:
+        if name not in kos:
+            return None
+        if name not in needed:
+            f = kernel_deb.extractfile(kos[name])
+            assert f is not None
+            needed[name] = f.read()
+        return needed[name]
 
     builtin_names: list[str] = []
     if builtin is not None:
         f = kernel_deb.extractfile(builtin)
         assert f is not None
         builtin_names = [ln.rsplit("/", 1)[-1].removesuffix(".ko") for ln in f.read().decode().split()]
-    order = module_order(_Lazy(), builtin_names, VM_MODULES)
+    order = module_order(read_module, builtin_names, VM_MODULES)
 
     bb = next((m for m in busybox_deb.getmembers() if m.name.lstrip("./") == "bin/busybox"), None)
     if bb is None:

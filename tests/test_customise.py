@@ -432,3 +432,25 @@ def test_rootfs_rw_keeps_room_for_the_overlay(make_vendor_package, tmp_path: Pat
         files=[{"path": "/etc/x.conf", "content": "x\n", "layer": "overlay"}],
     )
     assert cli(small, "-o", tmp_path / "out", "--cache-dir", tmp_path / "cache").returncode == 0
+
+
+def test_a_unit_linked_by_an_overlay_can_be_enabled(vendor_package_session, tmp_path: Path) -> None:
+    """A unit file written by `files:` and linked into /etc/systemd/system by an overlay (as
+    packages link their units) is found through the pending link by `services:`."""
+    unit = "[Service]\nExecStart=/bin/true\n[Install]\nWantedBy=multi-user.target\n"
+    ov = tmp_path / "r" / "ov" / "etc" / "systemd" / "system"
+    ov.mkdir(parents=True)
+    os.symlink("../../../usr/local/lib/hello/hello.service", ov / "hello.service")
+    recipe = write_recipe(
+        tmp_path / "r",
+        vendor_package_session.dir,
+        name="unitlink",
+        overlays=[{"path": "ov"}],
+        files=[{"path": "/usr/local/lib/hello/hello.service", "content": unit}],
+        services={"enable": ["hello.service"]},
+    )
+    res = run_build(recipe, tmp_path / "out", tmp_path / "cache")
+    parts = simulate(res.out_dir, tmp_path)
+    wants = "/etc/systemd/system/multi-user.target.wants/hello.service"
+    assert stat(parts / "ROOTFS.img", wants)["type"] == "symlink"
+    assert cat(parts / "ROOTFS.img", "/usr/local/lib/hello/hello.service") == unit.encode()

@@ -86,6 +86,13 @@ class _Pending:
 
 
 @dataclass(frozen=True)
+class _Link:
+    """A symlink a step laid down (its target as written)."""
+
+    target: str
+
+
+@dataclass(frozen=True)
 class Mount:
     point: str
     label: str
@@ -127,9 +134,9 @@ class Customiser:
         self._batches: dict[str, EditBatch] = {}
         self._pending: list[_Pending] = []
         self._written_root: dict[str, str] = {}  # ROOTFS inner path -> origin, for overlay shadows
-        # device path -> what a step wrote there (bytes or a host file), None once removed: the
-        # root as later steps must see it before finish() applies anything
-        self._root_view: dict[str, bytes | Path | None] = {}
+        # device path -> what a step wrote there (bytes, a host file or a symlink), None once
+        # removed: the root as later steps must see it before finish() applies anything
+        self._root_view: dict[str, bytes | Path | _Link | None] = {}
         self._mounts: list[Mount] | None = None
         self._accounts: tuple[dict[str, Account], dict[str, int]] | None = None
         self._stat_cache: dict[tuple[str, str], Inode | None] = {}
@@ -216,15 +223,20 @@ class Customiser:
 
     # ------------------------------------------------------------------ reading the image
 
-    def read_text_root(self, device_path: str) -> str | None:
-        """A text file of the root filesystem as the box will see it: what earlier steps wrote or
-        removed first (their edits wait in batches until finish()), then the overlay upper layer,
-        then ROOTFS."""
+    def read_text_root(self, device_path: str, _hops: int = 0) -> str | None:
+        """A text file of the root filesystem as the box will see it: what earlier steps wrote,
+        linked or removed first (their edits wait in batches until finish()), then the overlay
+        upper layer, then ROOTFS."""
         key = posixpath.normpath(device_path)
         if key in self._root_view:
             pending = self._root_view[key]
             if pending is None:
                 return None
+            if isinstance(pending, _Link):
+                if _hops >= 40:
+                    return None  # a loop of links: nothing the box could read either
+                target = posixpath.join(posixpath.dirname(key), pending.target)
+                return self.read_text_root(target, _hops + 1)
             raw = pending if isinstance(pending, bytes) else pending.read_bytes()
             return raw.decode("utf-8", errors="replace")
         if self.has_partition(ROOTFS_RW) and self.partition(ROOTFS_RW).chunks:
@@ -318,6 +330,8 @@ class Customiser:
             self._written_root[inner] = origin
         if label.upper() == ROOTFS or layer == "overlay":
             self._root_view[posixpath.normpath(device_path)] = data if data is not None else src
+            if posixpath.normpath(device_path) in ("/etc/passwd", "/etc/group"):
+                self._accounts = None  # owners named after this write resolve against it
 
     def mkdir(
         self, device_path: str, *, mode: int, uid: int, gid: int, origin: str, layer: str = "base"
@@ -371,6 +385,8 @@ class Customiser:
         ch.target = target
         if label.upper() == ROOTFS:
             self._written_root[inner] = origin
+        if label.upper() == ROOTFS or layer == "overlay":
+            self._root_view[posixpath.normpath(device_path)] = _Link(target)
 
     def remove(self, device_path: str, *, origin: str, missing_ok: bool = True) -> bool:
         """Remove a path from the box's view: from ROOTFS and from the overlay upper layer."""

@@ -18,7 +18,14 @@ from isal import isal_zlib
 
 from builder.errors import AirboxError, PackageError
 from builder.manifest import MD5_NAME, parse_md5
-from builder.package.chunks import GZIP_WBITS, PIECE, default_workers, is_fat_safe, pwrite_all
+from builder.package.chunks import (
+    GZIP_WBITS,
+    PIECE,
+    default_workers,
+    is_fat_safe,
+    pwrite_all,
+    pwrite_sparse,
+)
 from builder.package.flashplan import (
     CHUNK_NAME,
     FORBIDDEN_TOP,
@@ -250,7 +257,7 @@ def _check_and_simulate(
 
         def sink(off: int, data: bytes) -> None:
             if fd is not None:
-                _pwrite_sparse(fd, data, base + off)
+                pwrite_sparse(fd, data, base + off)
             if wants:
                 ram.capture(i, off, data, wants)
             if progress:
@@ -287,14 +294,6 @@ def _check_and_simulate(
 
 
 _ZEROS = bytes(1 << 20)
-
-
-def _pwrite_sparse(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    for start in range(0, len(view), 1 << 20):
-        piece = view[start : start + (1 << 20)]
-        if piece != _ZEROS[: len(piece)]:
-            pwrite_all(fd, piece, offset + start)
 
 
 def extract_partitions(emmc: Path, plan: FlashPlan, dest: Path) -> dict[str, Path]:

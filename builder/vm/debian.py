@@ -10,9 +10,10 @@ will remove (shared/BOOT-VM.md).
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import lzma
-import os
 import re
 import tarfile
 import tempfile
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import requests
 
+from builder.cache import read_json, write_atomic, write_json_atomic
 from builder.errors import FetchError, ToolError
 from builder.fetch import FetchOptions, fetch, rewrite_url
 from builder.inputs import InputSpec
@@ -195,8 +197,6 @@ class DebianIndex:
     # -- InRelease
 
     def _release_cache(self, a: Archive) -> Path:
-        import hashlib
-
         key = hashlib.sha256(f"{a.uri} {a.suite}".encode()).hexdigest()[:16]
         return self.opts.cache_dir / "debian" / f"{key}-{a.suite}.InRelease"
 
@@ -223,10 +223,7 @@ class DebianIndex:
             raise FetchError(f"{url}: HTTP {resp.status_code}", hint="check the archive URL and suite")
         text = self._verified(resp.content, a)
         self._releases[a] = text
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        tmp = kept.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_bytes(resp.content)
-        tmp.replace(kept)
+        write_atomic(kept, resp.content)
         return text
 
     def _verified(self, signed: bytes, a: Archive) -> str:
@@ -280,22 +277,16 @@ class DebianIndex:
     def newest_many(self, names: Sequence[str]) -> dict[str, DebPackage]:
         """The newest of each package, remembered per set of verified InRelease files (parsing a
         Packages index takes half a minute; the same InRelease gives the same answer)."""
-        import hashlib
-        import json
-
         releases = [self.release(a) for a in self.archives]
         h = hashlib.sha256(json.dumps([self.arch, sorted(names)]).encode())
         for a, r in zip(self.archives, releases, strict=True):
             h.update(f"{a.uri} {a.suite} {a.component}\n".encode() + r.encode())
         memo = self.opts.cache_dir / "debian" / f"resolved-{h.hexdigest()[:24]}.json"
-        if memo.exists():
-            raw = json.loads(memo.read_text())
+        raw = read_json(memo)
+        if raw is not None:
             return {n: DebPackage(**{**d, "archive": Archive(**d["archive"])}) for n, d in raw.items()}
         out = {n: self.newest(n) for n in names}
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_suffix(f".{os.getpid()}.tmp")  # two runs may resolve at once
-        tmp.write_text(json.dumps({n: asdict(p) for n, p in out.items()}, sort_keys=True))
-        tmp.replace(memo)
+        write_json_atomic(memo, {n: asdict(p) for n, p in out.items()})  # two runs may resolve at once
         return out
 
     def packages(self) -> dict[str, list[DebPackage]]:

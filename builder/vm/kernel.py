@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,8 +22,6 @@ LAYOUT_VERSION = "1"  # bump when what build_base_initrd writes changes
 
 
 def _key(kernel_sha: str, busybox_sha: str) -> str:
-    import hashlib
-
     h = hashlib.sha256(f"{kernel_sha} {busybox_sha} {LAYOUT_VERSION} {' '.join(VM_MODULES)}".encode())
     h.update(INIT.encode())
     return h.hexdigest()[:20]

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from builder.cache import read_json, write_json_atomic
 from builder.errors import AirboxError, ToolError
 from builder.package.flashplan import FlashPlan
 from builder.package.source import open_package
@@ -127,10 +128,9 @@ def flash(bundle: Bundle, progress: Any = None) -> Flash:
         open_package(bundle.card, Path(tmp)) as files,
     ):
         digest = _bundle_digest(files)
-        if meta.exists() and image.exists():
-            old = json.loads(meta.read_text())
-            if old.get("digest") == digest:
-                return Flash(image, old["ro_part"], old["rw_part"], digest, True)
+        old = read_json(meta) if image.exists() else None
+        if old is not None and old.get("digest") == digest:
+            return Flash(image, old["ro_part"], old["rw_part"], digest, True)
         part = image.with_suffix(".part")
         rep = verify_fileset(files, simulate=part, progress=progress)
         if rep.failures or rep.plan is None:
@@ -146,7 +146,7 @@ def flash(bundle: Bundle, progress: Any = None) -> Flash:
         with open(part, "r+b") as f:
             f.truncate(_pow2(os.fstat(f.fileno()).st_size))  # QEMU's SD card wants a power of two
         part.replace(image)
-        meta.write_text(json.dumps({"digest": digest, "ro_part": ro, "rw_part": rw}) + "\n")
+        write_json_atomic(meta, {"digest": digest, "ro_part": ro, "rw_part": rw})
     return Flash(image, ro, rw, digest, False)
 
 
@@ -166,12 +166,7 @@ def prepare_disk(state: Path, fl: Flash, *, fresh: bool) -> tuple[Path, bool]:
     """state/disk.qcow2 over the pristine flash; a new one when fresh, missing or the bundle changed.
     Returns (path, new)."""
     disk, meta = state / "disk.qcow2", state / "disk.json"
-    if (
-        not fresh
-        and disk.exists()
-        and meta.exists()
-        and json.loads(meta.read_text()).get("digest") == fl.digest
-    ):
+    if not fresh and disk.exists() and (read_json(meta) or {}).get("digest") == fl.digest:
         return disk, False
     disk.unlink(missing_ok=True)
     size = fl.image.stat().st_size
@@ -180,7 +175,7 @@ def prepare_disk(state: Path, fl: Flash, *, fresh: bool) -> tuple[Path, bool]:
         cwd=state,
         hint=QEMU_HINT,
     )
-    meta.write_text(json.dumps({"digest": fl.digest}) + "\n")
+    write_json_atomic(meta, {"digest": fl.digest})
     (state / "known_hosts").unlink(missing_ok=True)  # a new box: its keys are recorded again
     return disk, True
 
@@ -211,14 +206,14 @@ class VM:
             "sock": str(self.sock),
             "started": self.started,
         }
-        (self.state / "vm.json").write_text(json.dumps(data, indent=1) + "\n")
+        write_json_atomic(self.state / "vm.json", data)
 
     @classmethod
     def load(cls, state: Path) -> VM | None:
         p = state / "vm.json"
-        if not p.exists():
+        d = read_json(p)
+        if d is None:
             return None
-        d = json.loads(p.read_text())
         vm = cls(
             state,
             d["pid"],

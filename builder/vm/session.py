@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
-import os
 import shutil
 import tempfile
 import time
@@ -14,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from builder.cache import read_json, write_json_atomic
 from builder.errors import AirboxError
 from builder.fetch import FetchOptions
 from builder.vm import machine
@@ -84,8 +83,9 @@ def baseline(
     memo = work / f"baseline-{key}.json"
     with open(work / f"baseline-{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent run waits for the first one's answer
-        if memo.exists():
-            return dict(json.loads(memo.read_text()))
+        known = read_json(memo)
+        if known is not None:
+            return known
         info(f"booting the unmodified vendor package once to learn what fails there ({vendor})")
         probe = machine.locate(vendor, state=Path(tempfile.mkdtemp(prefix="baseline-work-", dir=work)))
         try:
@@ -101,9 +101,7 @@ def baseline(
                 vm.stop(clean=False)
         finally:
             shutil.rmtree(probe.state, ignore_errors=True)
-        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(facts, indent=1, sort_keys=True) + "\n")
-        tmp.replace(memo)
+        write_json_atomic(memo, facts)
         return facts
 
 

@@ -14,6 +14,7 @@ from builder import __version__
 from builder.customise import customise, needs_customising
 from builder.customise.apps import app_report, check_app_budget
 from builder.customise.context import Customiser
+from builder.customise.identity import keep_warnings
 from builder.digestmemo import DigestMemo, memo_file
 from builder.emit import Artifact, emit_artifacts
 from builder.errors import BuildError
@@ -78,6 +79,8 @@ def build(
     extra_edits: Mapping[str, Sequence[ImageEdit]] | None = None,
 ) -> BuildResult:
     preflight_build(opts.output_dir)  # tools, e2fsprogs, the output filesystem: before any download
+    for warning in keep_warnings(recipe.identity):
+        reporter.warn(warning)
     out_root = opts.output_dir
     final = out_root / recipe.name
     # The temp folder (work files and the new bundle) lives beside the bundle: see builder.outdir.

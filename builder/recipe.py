@@ -26,7 +26,7 @@ import posixpath
 import re
 import urllib.parse
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -38,7 +38,9 @@ from builder.inputs import InputSpec
 from builder.units import parse_size
 
 if TYPE_CHECKING:
+    from builder.recipe_devices import Device
     from builder.recipe_network import Network
+    from builder.recipe_system import Identity, Ntp, Setting, SshConfig
 
 KeyPath = tuple[str | int, ...]
 
@@ -651,6 +653,12 @@ class User:
     ssh_authorized_keys: tuple[str, ...]
     password_hash: str | None
     where: str
+    create: bool = False  # make the account when the image has none (as Ubuntu's adduser would)
+    uid: int | None = None  # None: the first free one from the image's /etc/login.defs
+    groups: tuple[str, ...] = ()  # supplementary groups, which must exist in the image
+    shell: str | None = None
+    home: str | None = None  # None: /home/NAME for a new account
+    lock: bool = False  # lock the password ('!' before the hash): no password login
 
 
 @dataclass(frozen=True)
@@ -777,6 +785,13 @@ class Recipe:
     layout: Mapping[str, int]  # partition label -> bytes
     mirrors: tuple[tuple[str, str], ...]  # (URL prefix, replacement), in recipe order
     output: Output
+    identity: Identity
+    ssh: SshConfig | None
+    timezone: Setting | None
+    locale: Setting | None
+    ntp: Ntp | None
+    devices: tuple[Device, ...] = ()  # the fleet: each a complete recipe of its own
+    device: str | None = None  # set on a device's recipe: the device's name
 
     @property
     def dir(self) -> Path:
@@ -809,7 +824,8 @@ def iter_inputs(recipe: Recipe) -> Iterator[InputSpec]:
 
 _TOP_KEYS = (
     "name", "description", "extends", "base", "vars", "hostname", "network", "apt", "pip", "users", "files",
-    "overlays", "remove", "services", "apps", "layout", "mirrors", "output",
+    "overlays", "remove", "services", "apps", "layout", "mirrors", "output", "identity", "ssh", "timezone",
+    "locale", "ntp", "devices",
 )  # fmt: skip
 _NAME = re.compile(r"[a-z0-9._-]+")
 _HOST_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
@@ -873,7 +889,22 @@ def load_recipe(path: Path, *, check_files: bool = True) -> Recipe:
     except (OSError, RuntimeError) as exc:
         raise RecipeError(f"cannot locate the recipe {path}: {exc}") from None
     root, parents = _load_chain(file, (), [_MAX_NODES])
-    return _RecipeParser(check_files).parse(file, root, parents)
+    given = dict(root.value)
+    devices = given.pop("devices", None)
+    root = Node(given, root.mark, key_marks=root.key_marks)
+    recipe = _RecipeParser(check_files).parse(file, root, parents)
+    if devices is None or devices.value is None:
+        return recipe
+    from builder.recipe_devices import parse_devices
+
+    fleet = parse_devices(
+        devices,
+        recipe,
+        lambda fragment, name: replace(
+            _RecipeParser(check_files).parse(file, _merge(root, fragment), parents), device=name
+        ),
+    )
+    return replace(recipe, devices=fleet)
 
 
 class _RecipeParser:
@@ -917,7 +948,27 @@ class _RecipeParser:
             layout=self.layout(top["layout"]) if "layout" in top else MappingProxyType({}),
             mirrors=self.mirrors(top["mirrors"]) if "mirrors" in top else (),
             output=self.output(top["output"]) if "output" in top else Output(),
+            **self.system(top),
         )
+
+    @staticmethod
+    def system(top: Mapping[str, Node]) -> dict[str, Any]:
+        from builder.recipe_system import (
+            Identity,
+            parse_identity,
+            parse_locale,
+            parse_ntp,
+            parse_ssh,
+            parse_timezone,
+        )
+
+        return {
+            "identity": parse_identity(top["identity"]) if "identity" in top else Identity(),
+            "ssh": parse_ssh(top["ssh"]) if "ssh" in top else None,
+            "timezone": parse_timezone(top["timezone"]) if "timezone" in top else None,
+            "locale": parse_locale(top["locale"]) if "locale" in top else None,
+            "ntp": parse_ntp(top["ntp"]) if "ntp" in top else None,
+        }
 
     def name(self, node: Node) -> str:
         text = expect_str(node, ("name",))
@@ -1014,40 +1065,97 @@ class _RecipeParser:
                     "`password` would put a plaintext password in the recipe",
                     _PLAINTEXT_HINT,
                 )
-            given = fields(item, path, ("ssh_authorized_keys", "password_hash"))
-            keys: list[str] = []
-            if "ssh_authorized_keys" in given:
-                for text, key_node, key_path in expect_str_list(
-                    given["ssh_authorized_keys"], (*path, "ssh_authorized_keys")
-                ):
-                    if "\n" in text.strip() or not _SSH_KEY.search(text):
+            keys = (
+                "ssh_authorized_keys",
+                "password_hash",
+                "create",
+                "uid",
+                "groups",
+                "shell",
+                "home",
+                "lock",
+            )
+            given = fields(item, path, keys)
+            create = expect_bool(given["create"], (*path, "create")) if "create" in given else False
+            if not create:
+                for key in ("uid", "shell", "home"):
+                    if key in given:
                         raise err(
-                            key_node,
-                            key_path,
-                            "not an OpenSSH public key line",
-                            "paste one line of ~/.ssh/id_*.pub",
+                            key_mark(item, key),
+                            (*path, key),
+                            f"`{key}` applies to an account the recipe creates",
+                            "add `create: true` (an existing account keeps its uid, shell and home)",
                         )
-                    keys.append(text.strip())
-            password_hash = None
-            if "password_hash" in given:
-                if not isinstance(given["password_hash"].value, str):
-                    # never echo the value: it may be a plaintext password
-                    raise err(
-                        given["password_hash"],
-                        (*path, "password_hash"),
-                        "password_hash must be a quoted crypt(3) hash string",
-                        _PLAINTEXT_HINT,
+            lock = expect_bool(given["lock"], (*path, "lock")) if "lock" in given else False
+            users.append(
+                User(
+                    name,
+                    self.authorized_keys(given, path),
+                    self.password_hash(given, path),
+                    entry_where(item, path),
+                    create=create,
+                    uid=expect_int(given["uid"], (*path, "uid"), low=1, high=65533)
+                    if "uid" in given
+                    else None,
+                    groups=self.words(
+                        given["groups"], (*path, "groups"), _ACCOUNT, "a group name such as sudo"
                     )
-                password_hash = expect_str(given["password_hash"], (*path, "password_hash"))
-                if not _CRYPT.fullmatch(password_hash):
-                    raise err(
-                        given["password_hash"],
-                        (*path, "password_hash"),
-                        "password_hash does not look like a crypt(3) hash ($6$salt$hash, $y$..., $2b$...)",
-                        _PLAINTEXT_HINT,
-                    )
-            users.append(User(name, tuple(keys), password_hash, entry_where(item, path)))
+                    if "groups" in given
+                    else (),
+                    shell=device_path(given["shell"], (*path, "shell")) if "shell" in given else None,
+                    home=device_path(given["home"], (*path, "home"), directory=True)
+                    if "home" in given
+                    else None,
+                    lock=lock,
+                )
+            )
+            if lock and users[-1].password_hash:
+                raise err(
+                    key_mark(item, "lock"),
+                    (*path, "lock"),
+                    "`lock: true` and `password_hash` contradict each other",
+                    "keep one: a locked account has no password login",
+                )
         return tuple(users)
+
+    @staticmethod
+    def authorized_keys(given: Mapping[str, Node], path: KeyPath) -> tuple[str, ...]:
+        keys: list[str] = []
+        if "ssh_authorized_keys" in given:
+            for text, key_node, key_path in expect_str_list(
+                given["ssh_authorized_keys"], (*path, "ssh_authorized_keys")
+            ):
+                if "\n" in text.strip() or not _SSH_KEY.search(text):
+                    raise err(
+                        key_node,
+                        key_path,
+                        "not an OpenSSH public key line",
+                        "paste one line of ~/.ssh/id_*.pub",
+                    )
+                keys.append(text.strip())
+        return tuple(keys)
+
+    @staticmethod
+    def password_hash(given: Mapping[str, Node], path: KeyPath) -> str | None:
+        if "password_hash" not in given:
+            return None
+        if not isinstance(given["password_hash"].value, str):
+            # never echo the value: it may be a plaintext password
+            raise err(
+                given["password_hash"],
+                (*path, "password_hash"),
+                "password_hash must be a quoted crypt(3) hash string",
+                _PLAINTEXT_HINT,
+            )
+        password_hash = expect_str(given["password_hash"], (*path, "password_hash"))
+        if not _CRYPT.fullmatch(password_hash):
+            raise err(
+                given["password_hash"],
+                (*path, "password_hash"),
+                "password_hash does not look like a crypt(3) hash ($6$salt$hash, $y$..., $2b$...)",
+                _PLAINTEXT_HINT,
+            )
+        return password_hash
 
     def files(self, node: Node) -> tuple[FileEntry, ...]:
         keys = (

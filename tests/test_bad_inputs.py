@@ -262,7 +262,13 @@ def gpt_entry_count(pkg: Path) -> None:
 
 REDO = r"download (it|the package) again|copy it again|regenerate|rebuild|verify"
 
-damaged(r"gzip trailer says 0 bytes.*truncated", r"rootfs\.2-of-6\.gz", truncate_chunk, ("build",), REDO)
+damaged(
+    r"gzip trailer says 0 bytes.*truncated|truncated: its gzip stream ends early",
+    r"rootfs\.2-of-6\.gz",
+    truncate_chunk,
+    ("build",),
+    REDO,
+)
 damaged(r"truncated gzip stream", r"FAIL rootfs\.2-of-6\.gz", truncate_chunk, ("verify",))
 damaged(r"cannot decompress", r"FAIL opt\.2-of-5\.gz", corrupt_chunk, ("verify",))
 damaged(r"data CRC mismatch", r"boot_emmc-data\.scr", script_data_crc, ("build", "verify", "inspect"))

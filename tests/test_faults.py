@@ -438,11 +438,12 @@ def _used(path: Path) -> int:
 
 
 def _noop_recipe(world: World, **output: bool) -> Path:
-    """The rich recipe without a single change: only the base, copied; `output` as given."""
+    """The rich recipe without a single change (identity kept: nothing is even read), only the
+    base, copied; `output` as given."""
     recipe = world.recipe.with_name("noop.yaml")
     text = world.recipe.read_text()
     flags = ", ".join(f"{k}: {str(v).lower()}" for k, v in output.items())
-    recipe.write_text(text[: text.index("vars:")] + f"output: {{{flags}}}\n")
+    recipe.write_text(text[: text.index("vars:")] + f"identity: keep\noutput: {{{flags}}}\n")
     return recipe
 
 

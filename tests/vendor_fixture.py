@@ -329,8 +329,8 @@ messagebus:*:18900:0:99999:7:::
 syslog:*:18900:0:99999:7:::
 _apt:*:18900:0:99999:7:::
 sshd:*:18900:0:99999:7:::
-linaro:$6$fixture1$G7c2B0NfzTnY0o9tq9bS6wz5m4W0cM2cQbq8lq5Y1eA0pXl9a0Ck3pS1r0n7Hq8Qv2s1l0c9eW8Z0aTq3f1b0.:18900:0:99999:7:::
-admin:$6$fixture2$Qd3kP9sLm2N0b7Vx1c8Zq4R6t5Y2w0e9a8S7d6F5g4H3j2K1l0M9n8B7v6C5x4Z3a2Q1w0E9r8T7y6U5i4O3p.:18900:0:99999:7:::
+linaro:$6$fixture1$nXH/.X5Ja4Lim3dkB2MmUhFZ9dDHlodCMn0w0rw7aXcDCr/BbChU9dy2rgtr./zkI5uYKk7VymOorHwLtYSE0.:18900:0:99999:7:::
+admin:$6$fixture2$rtjkayXSL.nnb1.F.j0g6h0IpKS0jc6uHcwyWyBq/udBlv7bvGbn9RSyyuee2DDmlmpWvAtczUmpH2aodsOqN0:18900:0:99999:7:::
 """
 
 OS_RELEASE = """\
@@ -437,13 +437,113 @@ SYSTEMD_UNITS: dict[str, str] = {
     ),
     "bmrt_loadko.service": _unit("Load Sophon TPU kernel modules", "/usr/sbin/bmrt_loadko.sh"),
     "resize-helper.service": _unit("Grow the data partition on first boot", "/usr/sbin/resize-helper"),
-    "ssh.service": _unit("OpenBSD Secure Shell server", "/usr/sbin/sshd -D", kind="notify"),
     "apt-daily.service": "[Unit]\nDescription=Daily apt download activities\n\n"
     "[Service]\nType=oneshot\nExecStart=/usr/lib/apt/apt.systemd.daily update\n",
     "apt-daily.timer": "[Unit]\nDescription=Daily apt download activities\n\n"
     "[Timer]\nOnCalendar=*-*-* 6,18:00\nRandomizedDelaySec=12h\nPersistent=true\n\n"
     "[Install]\nWantedBy=timers.target\n",
 }
+# Ubuntu 20.04 (openssh-server 1:8.2p1-4ubuntu0.x) debian/systemd/ssh.service: sshd -t runs first
+# and fails when no host key exists, so keys must be made before it starts.
+SSH_SERVICE = """\
+[Unit]
+Description=OpenBSD Secure Shell server
+Documentation=man:sshd(8) man:sshd_config(5)
+After=network.target auditd.service
+ConditionPathExists=!/etc/ssh/sshd_not_to_be_run
+
+[Service]
+EnvironmentFile=-/etc/default/ssh
+ExecStartPre=/usr/sbin/sshd -t
+ExecStart=/usr/sbin/sshd -D $SSHD_OPTS
+ExecReload=/usr/sbin/sshd -t
+ExecReload=/bin/kill -HUP $MAINPID
+KillMode=process
+Restart=on-failure
+RestartPreventExitStatus=255
+Type=notify
+RuntimeDirectory=sshd
+RuntimeDirectoryMode=0755
+
+[Install]
+WantedBy=multi-user.target
+Alias=sshd.service
+"""
+SYSTEMD_UNITS["ssh.service"] = SSH_SERVICE
+SYSTEMD_UNITS["systemd-timesyncd.service"] = _unit(
+    "Network Time Synchronization", "/lib/systemd/systemd-timesyncd", kind="notify"
+).replace("WantedBy=multi-user.target", "WantedBy=sysinit.target")
+# Ubuntu 20.04's sshd_config (abridged): the drop-in folder is included before any setting
+SSHD_CONFIG = """\
+#\t$OpenBSD: sshd_config,v 1.103 2018/04/09 20:41:22 tj Exp $
+
+Include /etc/ssh/sshd_config.d/*.conf
+
+#Port 22
+#PermitRootLogin prohibit-password
+#PasswordAuthentication yes
+ChallengeResponseAuthentication no
+UsePAM yes
+X11Forwarding yes
+PrintMotd no
+AcceptEnv LANG LC_*
+Subsystem\tsftp\t/usr/lib/openssh/sftp-server
+"""
+# Ubuntu 20.04's /etc/login.defs (the lines adduser/useradd read)
+LOGIN_DEFS = """\
+MAIL_DIR        /var/mail
+PASS_MAX_DAYS\t99999
+PASS_MIN_DAYS\t0
+PASS_WARN_AGE\t7
+UID_MIN\t\t\t 1000
+UID_MAX\t\t\t60000
+SYS_UID_MIN\t\t  100
+SYS_UID_MAX\t\t  999
+GID_MIN\t\t\t 1000
+GID_MAX\t\t\t60000
+UMASK\t\t022
+USERGROUPS_ENAB yes
+ENCRYPT_METHOD SHA512
+"""
+SKEL = {
+    ".bashrc": "# ~/.bashrc: executed by bash(1) for non-login shells.\nHISTSIZE=1000\n",
+    ".profile": '# ~/.profile: executed by the command interpreter for login shells.\n. "$HOME/.bashrc"\n',
+    ".bash_logout": "# ~/.bash_logout: executed by bash(1) when login shell exits.\n",
+}
+LOCALES = ("C.UTF-8",)  # folders in /usr/lib/locale
+ARCHIVE_LOCALES = ("en_US.utf8", "zh_CN.utf8")  # names in /usr/lib/locale/locale-archive
+ZONES = ("Asia/Shanghai", "Asia/Singapore", "Europe/Berlin", "UTC", "Etc/UTC")
+# what a factory-fresh vendor image carries that must not be shared (PackageOptions.vendor_identity)
+VENDOR_MACHINE_ID = "0123456789abcdef0123456789abcdef\n"
+VENDOR_KEY_TYPES = ("rsa", "ecdsa", "ed25519")
+
+
+def locale_archive(names: Sequence[str]) -> bytes:
+    """A glibc locale-archive header with its string table (glibc locale/locarchive.h layout)."""
+    table = b"".join(n.encode() + b"\0" for n in names)
+    head = 4 * 8
+    fields = (0xDE020109, 1, head, 0, 0, head, len(table), len(table))
+    return struct.pack("<8I", *fields) + table + bytes(64)
+
+
+def vendor_host_key(kind: str, public: bool) -> str:
+    if public:
+        return f"ssh-{kind} AAAAvendor{kind}fixturekey root@bm1684\n"
+    armour = "OPENSSH PRIVATE KEY-----\n"
+    return f"-----BEGIN {armour}vendor-{kind}-fixture-private-key\n-----END {armour}"
+
+
+def vendor_identity_files() -> dict[str, Node]:
+    """Host keys and machine-id as the vendor's image has them (device paths)."""
+    t: dict[str, Node] = {}
+    for kind in VENDOR_KEY_TYPES:
+        t[f"/etc/ssh/ssh_host_{kind}_key"] = file_node(vendor_host_key(kind, False), 0o600)
+        t[f"/etc/ssh/ssh_host_{kind}_key.pub"] = file_node(vendor_host_key(kind, True))
+    t["/etc/machine-id"] = file_node(VENDOR_MACHINE_ID, 0o444)
+    t["/var/lib/dbus/machine-id"] = file_node(VENDOR_MACHINE_ID, 0o444)
+    return t
+
+
 ENABLED_UNITS = {
     "multi-user.target.wants": (
         "bmrt_setup.service",
@@ -516,7 +616,10 @@ def rootfs_tree(hostname: str = "bm1684", merged_usr: bool = False) -> Tree:
             "Defaults\tenv_reset\nroot\tALL=(ALL:ALL) ALL\n%sudo\tALL=(ALL:ALL) ALL\n", 0o440
         ),
         "profile.d/bm_env.sh": file_node("export PATH=$PATH:/opt/sophon/libsophon-current/bin\n"),
-        "ssh/sshd_config": file_node("PermitRootLogin prohibit-password\nPasswordAuthentication yes\n"),
+        "ssh/sshd_config": file_node(SSHD_CONFIG),
+        "login.defs": file_node(LOGIN_DEFS),
+        "timezone": file_node("Asia/Shanghai\n"),
+        "default/locale": file_node("LANG=C.UTF-8\n"),
         "update-motd.d/00-header": file_node(MOTD_HEADER, 0o755),
         "update-motd.d/50-landscape-sysinfo": symlink_node("/usr/share/landscape/landscape-sysinfo.wrapper"),
         "resolv.conf": symlink_node("../run/systemd/resolve/stub-resolv.conf"),
@@ -527,7 +630,16 @@ def rootfs_tree(hostname: str = "bm1684", merged_usr: bool = False) -> Tree:
         t[f"/etc/{name}"] = node
     t["/usr/lib/os-release"] = file_node(OS_RELEASE)
     t["/usr/share/landscape/landscape-sysinfo.wrapper"] = file_node(LANDSCAPE_WRAPPER, 0o755)
-    t["/usr/share/zoneinfo/Asia/Shanghai"] = file_node(_blob("tz", 561))
+    for zone in ZONES:
+        t[f"/usr/share/zoneinfo/{zone}"] = file_node(_blob(f"tz {zone}", 561))
+    for name, text in SKEL.items():
+        t[f"/etc/skel/{name}"] = file_node(text)
+    t["/etc/ssh/sshd_config.d"] = dir_node()
+    for name in LOCALES:
+        t[f"/usr/lib/locale/{name}/LC_CTYPE"] = file_node(_blob(f"locale {name}", 300))
+    t["/usr/lib/locale/locale-archive"] = file_node(locale_archive(ARCHIVE_LOCALES))
+    t["/usr/bin/ssh-keygen"] = file_node(_blob("ssh-keygen", 4000), 0o755)
+    t["/var/lib/dbus"] = dir_node()
 
     for unit, text in SYSTEMD_UNITS.items():
         t[f"{lib}/systemd/system/{unit}"] = file_node(text)
@@ -640,6 +752,8 @@ class PackageOptions:
     slack_kb: Mapping[str, int] = field(default_factory=dict)
     # label -> a partition image made elsewhere (tests/vm_fixture.py: a real arm64 userland), used as is
     prebuilt_images: Mapping[str, Path] = field(default_factory=dict)
+    # host keys and a machine-id in ROOTFS, and a factory boot's copies in ROOTFS_RW's upper layer
+    vendor_identity: bool = False
 
 
 # ----------------------------------------------------------------------------- results
@@ -927,8 +1041,14 @@ def partition_tree(spec: PartSpec, opts: PackageOptions) -> Tree:
     base = defaults.get(spec.label.upper(), dict)()
     extra = {k.upper(): v for k, v in opts.extra_files.items()}.get(spec.label.upper())
     tree = merge_tree(base, extra)
+    if spec.label.upper() == "ROOTFS" and opts.vendor_identity:
+        tree = merge_tree(tree, vendor_identity_files())
     if spec.label.upper() == "ROOTFS_RW":
         tree = merge_tree(tree, _shadow_entries(opts))
+        if opts.vendor_identity:
+            tree = merge_tree(tree, {"/overlay/etc/ssh": dir_node(), "/overlay/var/lib/dbus": dir_node()})
+            upper = {p: n for p, n in vendor_identity_files().items() if "ed25519" in p or "machine-id" in p}
+            tree = merge_tree(tree, {"/overlay" + p: n for p, n in upper.items()})
     return tree
 
 

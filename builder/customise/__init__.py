@@ -7,8 +7,11 @@ from collections.abc import Callable
 from builder.customise.apps import apps
 from builder.customise.context import Customiser
 from builder.customise.files import files, overlays, remove
+from builder.customise.identity import identity
 from builder.customise.services import services
+from builder.customise.sshd import default_passwords, ssh
 from builder.customise.system import apt, hostname, network, pip
+from builder.customise.timelocale import locale, ntp, timezone
 from builder.customise.users import users
 
 Step = Callable[[Customiser], None]
@@ -17,22 +20,34 @@ Step = Callable[[Customiser], None]
 # remove a vendor file and lay its own in its place; explicit files last among writes.
 STEPS: tuple[tuple[str, Step], ...] = (
     ("remove", remove),
+    ("identity", identity),
     ("hostname", hostname),
     ("network", network),
     ("apt", apt),
     ("pip", pip),
     ("users", users),
+    ("ssh", ssh),
+    ("timezone", timezone),
+    ("locale", locale),
+    ("ntp", ntp),
     ("overlays", overlays),
     ("files", files),
     ("apps", apps),
     ("services", services),
+    ("default passwords", default_passwords),  # a check of the result: reads, writes nothing
 )
 
 
 def needs_customising(c: Customiser) -> bool:
     r = c.recipe
     return bool(
-        r.hostname
+        r.identity.ssh_host_keys != "keep"
+        or r.identity.machine_id != "keep"
+        or r.ssh
+        or r.timezone
+        or r.locale
+        or r.ntp
+        or r.hostname
         or r.network
         or r.apt
         or r.pip

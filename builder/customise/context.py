@@ -11,6 +11,7 @@ import difflib
 import functools
 import hashlib
 import posixpath
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -41,7 +42,13 @@ OVERLAY_INODES = 64
 REFUSED_MOUNTS = ("/boot", "/recovery")
 # Files whose changes the report records without a diff: it would show password hashes.
 SECRET_FILES = frozenset({"/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-"})
-SECRET_DIFF = "(diff redacted: the file holds password hashes)"
+SECRET_DIFF = "(diff redacted: the file holds password hashes or a private key)"
+SECRET_NAME = re.compile(r"/etc/ssh/ssh_host_[a-z0-9]+_key")  # private host keys: never in a diff
+
+
+def is_secret(device_path: str) -> bool:
+    path = posixpath.normpath(device_path)
+    return path in SECRET_FILES or bool(SECRET_NAME.fullmatch(path))
 
 
 @dataclass(frozen=True)
@@ -144,6 +151,7 @@ class Customiser:
         self.app_results: list[Any] = []
         self.fetch_opts: Any = None  # FetchOptions, for steps that download (app wheels)
         self.stage_cache: Path | None = None  # CACHE/apps: staged app trees kept between builds
+        self.host_keys: Mapping[str, Path] | None = None  # per-device host keys: type -> private key
 
     # ------------------------------------------------------------------ images
 
@@ -175,6 +183,10 @@ class Customiser:
             self._base[key] = base
             self._images[key] = Ext4Image(base.path, epoch=self.epoch)
         return self._images[key]
+
+    def is_open(self, label: str) -> bool:
+        """Whether a step has read this partition's image already (it is joined)."""
+        return self.has_partition(label) and self.partition(label).label.upper() in self._images
 
     def batch(self, label: str) -> EditBatch:
         key = self.partition(label).label.upper()
@@ -251,6 +263,30 @@ class Customiser:
             return None
         return img.read_text(device_path)
 
+    def listdir_root(self, device_path: str) -> list[str]:
+        """The names in a root directory as the box will see them (earlier steps, upper, ROOTFS)."""
+        folder = posixpath.normpath(device_path)
+        names: set[str] = set()
+        st = self.image(ROOTFS).resolve(folder)
+        if st is not None and st.is_dir:
+            names |= set(self.image(ROOTFS).listdir(folder))
+        if self._has_rw():
+            upper = posixpath.join(OVERLAY_UPPER, folder.lstrip("/"))
+            ust = self.image(ROOTFS_RW).resolve(upper)
+            if ust is not None and ust.is_dir:
+                for e in self.image(ROOTFS_RW).scandir(upper):
+                    if e.type is FileType.CHAR:
+                        names.discard(e.name)  # a whiteout
+                    else:
+                        names.add(e.name)
+        for path, what in self._root_view.items():
+            if posixpath.dirname(path) == folder:
+                if what is None:
+                    names.discard(posixpath.basename(path))
+                else:
+                    names.add(posixpath.basename(path))
+        return sorted(names)
+
     def accounts(self) -> tuple[dict[str, Account], dict[str, int]]:
         if self._accounts is None:
             users: dict[str, Account] = {}
@@ -277,8 +313,7 @@ class Customiser:
             raise RecipeError(
                 f"user {name!r} does not exist in the image's /etc/passwd",
                 where=where,
-                hint=(f"did you mean {close[0]!r}? " if close else "")
-                + f"users in the image: {regular}",
+                hint=(f"did you mean {close[0]!r}? " if close else "") + f"users in the image: {regular}",
             )
         return users[name]
 
@@ -481,7 +516,7 @@ class Customiser:
                     and old.size <= DIFF_MAX
                     and size <= DIFF_MAX
                 ):
-                    if posixpath.normpath(p.device_path) in SECRET_FILES:
+                    if is_secret(p.device_path):
                         ch.diff = SECRET_DIFF
                         continue
                     new_bytes = data if data is not None else p.src.read_bytes() if p.src else b""
@@ -605,6 +640,7 @@ class Customiser:
         """ROOTFS_RW must keep room for the overlay's work folder (and what the box writes at its
         first boot): with none left, overlayfs mounts the box's root read-only and
         systemd-remount-fs fails. A vendor image that had no room either only gets a warning."""
+
         def room(i: Ext4Info) -> bool:
             return i.free_blocks * i.block_size >= OVERLAY_ROOM and i.free_inodes >= OVERLAY_INODES
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from builder.emit import Artifact, emit_artifacts
 from builder.errors import BuildError
 from builder.events import Reporter
 from builder.fetch import FetchOptions, fetch
+from builder.hostkeys import fingerprints, known_hosts_lines
 from builder.imagecache import ImageCache
 from builder.inputs import InputSpec
 from builder.manifest import write_sha256sums
@@ -35,6 +36,7 @@ from builder.redact import redact_data
 from builder.repack import ImageEdit, RepackResult, apply_edits, repack
 
 CARD = "card"
+KNOWN_HOSTS = "known_hosts"
 REPORT = "build-report.json"
 SUMS = "SHA256SUMS"
 
@@ -77,15 +79,26 @@ def build(
     opts: BuildOptions,
     reporter: Reporter,
     extra_edits: Mapping[str, Sequence[ImageEdit]] | None = None,
+    *,
+    folder: str | None = None,
+    host_keys: Mapping[str, Path] | None = None,
+    report_hook: Callable[[dict[str, Any]], None] | None = None,
 ) -> BuildResult:
+    """Build one bundle into OUTPUT/<folder or recipe name>/.
+
+    `host_keys`: this box's own SSH host keys (identity.ssh_host_keys: per-device); the bundle
+    then gets a known_hosts file. `report_hook` adds to the report before it is written (a fleet
+    device's bundle says which fleet and shared build it comes from).
+    """
     preflight_build(opts.output_dir)  # tools, e2fsprogs, the output filesystem: before any download
     for warning in keep_warnings(recipe.identity):
         reporter.warn(warning)
     out_root = opts.output_dir
-    final = out_root / recipe.name
+    name = folder or recipe.name
+    final = out_root / name
     # The temp folder (work files and the new bundle) lives beside the bundle: see builder.outdir.
     with (
-        build_slot(out_root, recipe.name, reporter, also_writes=[opts.fetch.cache_dir]) as tmp,
+        build_slot(out_root, name, reporter, also_writes=[opts.fetch.cache_dir]) as tmp,
         contextlib.ExitStack() as cleanup,
     ):
         cleanup.enter_context(scratch_tempdir(tmp / "scratch"))  # nothing left in $TMPDIR, even on SIGKILL
@@ -122,6 +135,7 @@ def build(
                 digest_memo=digest_memo,
             )
             cust.fetch_opts = opts.fetch
+            cust.host_keys = host_keys
             cust.stage_cache = opts.fetch.cache_dir / "apps" if opts.image_cache else None
             cleanup.callback(cust.close)
             if recipe.apps:
@@ -154,6 +168,14 @@ def build(
             report["changes"] = cust.report()
             report["apps"] = app_report(cust)
             report["artifacts"] = {a.kind: a.name for a in artifacts}
+            if recipe.device is not None:
+                report["recipe"]["device"] = recipe.device
+            if host_keys is not None:
+                report["host_keys"] = fingerprints(host_keys)
+                lines = known_hosts_lines(box_names(recipe), host_keys)
+                (result_dir / KNOWN_HOSTS).write_text("".join(line + "\n" for line in lines))
+            if report_hook is not None:
+                report_hook(report)
             report = redact_data(report)  # no URL credentials or password hashes (builder.redact)
             (result_dir / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
             listed = sorted(p for p in card.rglob("*") if p.is_file())
@@ -162,6 +184,15 @@ def build(
             write_sha256sums(result_dir / SUMS, result_dir, listed, known=known)
             replace_dir(tmp, final)
         return BuildResult(final, final / CARD, report, tuple(artifacts))
+
+
+def box_names(recipe: Recipe) -> list[str]:
+    """What operators reach the box by: its hostname and its static addresses."""
+    names = [recipe.hostname] if recipe.hostname else []
+    if recipe.network is not None:
+        for ifc in (*recipe.network.ethernets, *recipe.network.bonds):
+            names += [a.split("/")[0] for a in ifc.addresses]
+    return names
 
 
 def _card_chunks(repacked: RepackResult) -> list[tuple[str, int]]:

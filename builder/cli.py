@@ -18,7 +18,7 @@ import click
 from builder import __version__
 from builder.cli_boot import register as register_boot_commands
 from builder.cli_card import register as register_card_commands
-from builder.errors import AirboxError
+from builder.errors import AirboxError, RecipeError
 
 log = logging.getLogger("airbox-build")
 
@@ -257,6 +257,13 @@ def _fetch_event(reporter: Any, ev: dict[str, Any]) -> None:
     show_default=True,
     help="Keep the joined vendor partitions and staged app trees in the cache for the next build.",
 )
+@click.option(
+    "--device",
+    "devices",
+    multiple=True,
+    metavar="NAME",
+    help="Of a recipe with `devices:`, build only this device (repeatable; the shared build is kept fresh).",
+)
 @fetch_options
 @click.pass_context
 @guarded
@@ -268,6 +275,7 @@ def build(
     image: bool | None,
     zip_: bool | None,
     image_cache: bool,
+    devices: tuple[str, ...],
     cache_dir: Path | None,
     offline: bool,
     input_dirs: tuple[Path, ...],
@@ -281,8 +289,8 @@ def build(
     r = load_recipe(recipe)  # first: a recipe error shows at once, before the build's imports
 
     from builder.build import BuildOptions, source_date_epoch
-    from builder.build import build as run_build
     from builder.emit import result_fields
+    from builder.fleet import build_recipe
 
     fopts = make_fetch_options(r, cache_dir, offline, input_dirs, mirrors, locked, reporter)
     opts = BuildOptions(
@@ -294,7 +302,12 @@ def build(
         zip=zip_,
         image_cache=image_cache,
     )
-    result = run_build(r, opts, reporter)
+    if r.devices:
+        _build_fleet(r, opts, reporter, devices)
+        return
+    if devices:
+        raise RecipeError(f"--device: {r.path.name} lists no `devices`", hint="drop --device")
+    result = build_recipe(r, opts, reporter)
     changed = [p for p in result.report["partitions"] if p["changed"]]
     summary = (
         f"built {result.out_dir}: {len(list(result.card.iterdir()))} files on the card; "
@@ -318,6 +331,28 @@ def build(
     )
     if not reporter.json_mode and not reporter.quiet:
         click.echo(summary)
+
+
+def _build_fleet(r: Any, opts: Any, reporter: Any, devices: tuple[str, ...]) -> None:
+    from builder.fleet import FLEET_JSON, SHARED, build_fleet
+
+    result = build_fleet(r, opts, reporter, devices)
+    reporter.event(
+        "result",
+        out_dir=str(result.root),
+        fleet=str(result.root / FLEET_JSON),
+        shared=str(result.shared.out_dir),
+        devices={name: str(path) for name, path in result.devices.items()},
+        kept=list(result.skipped),
+    )
+    if not reporter.json_mode and not reporter.quiet:
+        lines = [f"built fleet {result.root}: {len(result.devices)} device(s), shared build in {SHARED}/"]
+        for name, path in result.devices.items():
+            kept = " (up to date, kept)" if name in result.skipped else ""
+            lines.append(f"  {name}: {path}{kept}")
+        if (result.root / "known_hosts").is_file():
+            lines.append(f"  known_hosts: {result.root / 'known_hosts'} (append it to ~/.ssh/known_hosts)")
+        click.echo("\n".join(lines))
 
 
 @main.command()

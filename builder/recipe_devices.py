@@ -74,7 +74,7 @@ def parse_devices(
             raise err(item, (*item_path, "name"), "every device needs a `name`", "e.g. name: site-a")
         name_node = item.value["name"]
         name = expect_str(name_node, (*item_path, "name"))
-        if not _NAME.fullmatch(name) or name in (".", ".."):
+        if not _NAME.fullmatch(name) or name.startswith(".") or name == "_shared":
             raise err(
                 name_node, (*item_path, "name"), f"`{name}` is not a valid device name", "use a-z, 0-9, . _ -"
             )

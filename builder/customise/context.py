@@ -141,6 +141,7 @@ class Customiser:
         self._batches: dict[str, EditBatch] = {}
         self._pending: list[_Pending] = []
         self._written_root: dict[str, str] = {}  # ROOTFS inner path -> origin, for overlay shadows
+        self._removed_upper: set[str] = set()  # upper-layer paths a removal already takes away
         # device path -> what a step wrote there (bytes, a host file or a symlink), None once
         # removed: the root as later steps must see it before finish() applies anything
         self._root_view: dict[str, bytes | Path | _Link | None] = {}
@@ -262,6 +263,18 @@ class Customiser:
         if st is None or st.type != FileType.FILE:
             return None
         return img.read_text(device_path)
+
+    def root_file_exists(self, device_path: str) -> bool:
+        """Whether the box will have a file (or a link to one) at this path; its bytes unread."""
+        key = posixpath.normpath(device_path)
+        if key in self._root_view:
+            return self._root_view[key] is not None
+        if self._has_rw():
+            st = self.image(ROOTFS_RW).resolve(posixpath.join(OVERLAY_UPPER, key.lstrip("/")))
+            if st is not None:
+                return st.type == FileType.FILE
+        st = self.image(ROOTFS).resolve(key)
+        return st is not None and st.type == FileType.FILE
 
     def listdir_root(self, device_path: str) -> list[str]:
         """The names in a root directory as the box will see them (earlier steps, upper, ROOTFS)."""
@@ -437,6 +450,7 @@ class Customiser:
             ust = self.stat(ROOTFS_RW, upper)
             if ust is not None and not ust.is_whiteout:
                 self.batch(ROOTFS_RW).remove(upper, recursive=ust.is_dir)
+                self._removed_upper.add(upper)
                 self._record(
                     ROOTFS_RW, upper, device_path, "removed", ust.type.value, None, ust.uid, ust.gid, origin
                 )
@@ -534,7 +548,7 @@ class Customiser:
                 candidates.setdefault(posixpath.join(OVERLAY_UPPER, *parts[:i]), origin)
         stats = rw.stat_many(sorted(candidates))
         for upper, st in sorted(stats.items()):
-            if st is None:
+            if st is None or upper in self._removed_upper:
                 continue
             device = "/" + upper[len(OVERLAY_UPPER) :].lstrip("/")
             origin = candidates[upper]

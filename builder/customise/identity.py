@@ -71,7 +71,9 @@ def vendor_host_keys(c: Customiser) -> list[str]:
 
 def keep_warnings(ident: Identity) -> list[str]:
     """The build's warnings for an explicit opt-out (said before any work)."""
-    out = []
+    out: list[str] = []
+    if not ident.explicit:
+        return out
     if ident.ssh_host_keys == "keep":
         out.append(
             "identity.ssh_host_keys: keep — every box flashed from this bundle has the vendor image's SSH "
@@ -116,7 +118,7 @@ def _write_device_keys(c: Customiser, keys: Mapping[str, Path], where: str) -> N
 
 def _install_keygen(c: Customiser, where: str) -> None:
     keygen = next(
-        (p for p in ("/usr/bin/ssh-keygen", "/bin/ssh-keygen") if c.read_text_root(p) is not None), None
+        (p for p in ("/usr/bin/ssh-keygen", "/bin/ssh-keygen") if c.root_file_exists(p)), None
     )
     if keygen is None:
         raise RecipeError(
@@ -162,8 +164,8 @@ def _machine_id(c: Customiser) -> None:
     c.write(MACHINE_ID, data=b"", mode=0o444, uid=0, gid=0, origin=where)
     dbus = c.stat(ROOTFS, DBUS_MACHINE_ID)
     if dbus is not None and dbus.type is FileType.FILE:
-        # a copy of the vendor's id: make it follow /etc/machine-id, as Ubuntu's dbus does
-        c.remove(DBUS_MACHINE_ID, origin=where)
+        # a copy of the vendor's id: make it follow /etc/machine-id, as Ubuntu's dbus does (the
+        # symlink replaces the file; an upper-layer copy is dropped as a shadow of it)
         c.symlink(DBUS_MACHINE_ID, MACHINE_ID, uid=0, gid=0, origin=where)
     elif c.has_partition(ROOTFS_RW) and c.partition(ROOTFS_RW).chunks:
         ust = c.stat(ROOTFS_RW, OVERLAY_UPPER + DBUS_MACHINE_ID)

@@ -78,7 +78,7 @@ def build_fleet(
         shutil.rmtree(root)
     chosen = [d for d in recipe.devices if not only or d.name in only]
     with reporter.step("shared build", devices=len(chosen)):
-        shared_recipe = replace(recipe, devices=())
+        shared_recipe = shared_part(recipe)
         shared = build(shared_recipe, replace(opts, output_dir=root), reporter, folder=SHARED)
     built: dict[str, Path] = {}
     skipped = []
@@ -110,16 +110,26 @@ def build_fleet(
     return FleetResult(root, shared, built, tuple(skipped))
 
 
+def _context(r: Recipe) -> tuple[Any, ...]:
+    """What templates see (customise.files.template_vars), besides the recipe's name and path."""
+    return (r.vars, r.hostname, r.description)
+
+
+def shared_part(recipe: Recipe) -> Recipe:
+    """The recipe without devices; templated sections are left to the devices when what the
+    templates see differs between devices (a device's vars may be all a template can render)."""
+    shared = replace(recipe, devices=())
+    if any(_context(d.recipe) != _context(recipe) for d in recipe.devices):
+        shared = replace(shared, **{name: _EMPTY[name] for name in _TEMPLATED})
+    return shared
+
+
 def device_delta(shared: Recipe, device: Device, shared_card: Path) -> Recipe:
     """The device's recipe as a delta on the shared bundle: only what differs is applied again."""
     mine = device.recipe
     changes: dict[str, Any] = {"base": InputSpec(path=shared_card, where=f"{SHARED} build", name="base")}
     # templates see vars, recipe.hostname and recipe.description (customise.files.template_vars)
-    context_differs = (mine.vars, mine.hostname, mine.description) != (
-        shared.vars,
-        shared.hostname,
-        shared.description,
-    )
+    context_differs = _context(mine) != _context(shared)
     for name in _SECTIONS:
         if getattr(mine, name) == getattr(shared, name) and not (context_differs and name in _TEMPLATED):
             changes[name] = _EMPTY.get(name)

@@ -604,7 +604,10 @@ def rootfs_tree(hostname: str = "bm1684", merged_usr: bool = False) -> Tree:
         "group": file_node(GROUP),
         "shadow": file_node(SHADOW, 0o640, 0, SHADOW_GID),
         "gshadow": file_node(
-            "".join(f"{ln.split(':')[0]}:*::\n" for ln in GROUP.splitlines()), 0o640, 0, SHADOW_GID
+            "".join(f"{ln.split(':')[0]}:*::{ln.split(':')[3]}\n" for ln in GROUP.splitlines()),
+            0o640,
+            0,
+            SHADOW_GID,
         ),
         "hostname": file_node(f"{hostname}\n"),
         "hosts": file_node(HOSTS.format(hostname=hostname)),
@@ -639,6 +642,10 @@ def rootfs_tree(hostname: str = "bm1684", merged_usr: bool = False) -> Tree:
         t[f"/usr/lib/locale/{name}/LC_CTYPE"] = file_node(_blob(f"locale {name}", 300))
     t["/usr/lib/locale/locale-archive"] = file_node(locale_archive(ARCHIVE_LOCALES))
     t["/usr/bin/ssh-keygen"] = file_node(_blob("ssh-keygen", 4000), 0o755)
+    bindir = "/usr/bin" if merged_usr else "/bin"
+    t[f"{bindir}/bash"] = file_node(_blob("bash", 6000), 0o755)
+    t[f"{bindir}/sh"] = symlink_node("dash")
+    t[f"{bindir}/dash"] = file_node(_blob("dash", 3000), 0o755)
     t["/var/lib/dbus"] = dir_node()
 
     for unit, text in SYSTEMD_UNITS.items():

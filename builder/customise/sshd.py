@@ -56,24 +56,23 @@ def ssh(c: Customiser) -> None:
         "permitrootlogin": ("PermitRootLogin", conf.permit_root_login),
     }
     wanted = {k: v for k, v in settings.items() if v[1] is not None}
-    include_line = None
-    for n, key, value in _directives(text):
-        if key == "include" and _includes_drop_in(value):
-            include_line = n
-            break
-        if key in wanted:
-            raise RecipeError(
-                f"the image's {SSHD_CONFIG} sets {wanted[key][0]} on line {n}, before any Include of "
-                f"{DROP_IN_DIR}: sshd keeps the first value it reads, so the drop-in would not apply",
-                where=conf.where,
-                hint=f"replace {SSHD_CONFIG} with `files:` (Include {DROP_IN_DIR}/*.conf on its first line)",
-            )
+    lines = _directives(text)
+    include_line = next((n for n, key, value in lines if key == "include" and _includes_drop_in(value)), None)
     if include_line is None:
         raise RecipeError(
             f"the image's {SSHD_CONFIG} does not include {DROP_IN_DIR}/*.conf: a drop-in would be ignored",
             where=conf.where,
             hint=f"add `Include {DROP_IN_DIR}/*.conf` as its first line (replace the file with `files:`)",
         )
+    for n, key, _ in lines:
+        if n < include_line and key in wanted:
+            raise RecipeError(
+                f"the image's {SSHD_CONFIG} sets {wanted[key][0]} on line {n}, before its Include of "
+                f"{DROP_IN_DIR} (line {include_line}): sshd keeps the first value it reads, so the drop-in "
+                "would not apply",
+                where=conf.where,
+                hint=f"replace {SSHD_CONFIG} with `files:` (Include {DROP_IN_DIR}/*.conf on its first line)",
+            )
     body = "".join(f"{name} {value}\n" for name, value in wanted.values())
     c.mkdir(DROP_IN_DIR, mode=0o755, uid=0, gid=0, origin=conf.where)
     c.write(

@@ -156,7 +156,7 @@ def _create(c: Customiser, acc: _Accounts, u: User) -> None:
         gid = _group_id(acc, "users") or 100
     home = u.home or posixpath.join("/home", u.name)
     shell = u.shell or next(
-        (s for s in ("/bin/bash", "/bin/sh") if c.read_text_root(s) is not None or c.stat(ROOTFS, s)),
+        (s for s in ("/bin/bash", "/bin/sh") if c.root_file_exists(s)),
         "/bin/sh",
     )
     acc.passwd.rows.append([u.name, "x", str(uid), str(gid), ",,,", home, shell])

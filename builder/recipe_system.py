@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from builder.recipe import KeyPath, Node, _type_error, entry_where, err, expect_bool, expect_str, fields
 
 SSH_HOST_KEYS = ("regenerate", "per-device", "keep")
+# the accounts whose passwords the vendor's docs print (FORMAT.md section 6): name -> password
+VENDOR_PASSWORDS = {"linaro": "linaro", "admin": "admin"}
 MACHINE_ID = ("reset", "keep")
 _ZONE = re.compile(r"[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*")
 _LOCALE = re.compile(r"[A-Za-z]{1,8}(_[A-Za-z0-9]{2,3})?(\.[A-Za-z0-9-]+)?(@[A-Za-z0-9]+)?|C|POSIX")

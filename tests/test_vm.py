@@ -171,8 +171,15 @@ def test_noop_bundle_boots_and_passes(
     assert _row(rows, "mount /data")["status"] == "ok"
     # the vendor-like unit needs the TPU: it fails in the VM, and the vendor baseline says so
     assert _row(rows, "boot 1: unit bm-sophon.service")["status"] == "known"
-    assert _row(rows, "ssh host keys")["status"] == "warn"  # the vendor's keys: no identity asked for
+    # identity is on by default: the vendor's keys (in ROOTFS_RW's upper layer) are gone, the box
+    # made its own on its first boot before sshd started, and kept them on the second
+    assert _row(rows, "ssh host keys")["status"] == "ok", _row(rows, "ssh host keys")
+    assert "not the vendor's" in _row(rows, "ssh host keys")["detail"]
+    assert _row(rows, "sshd")["status"] == "ok"
+    assert _row(rows, "machine-id")["status"] == "ok"
     assert _row(rows, "boot 2: host keys")["status"] == "ok"
+    assert _row(rows, "boot 2: machine-id")["status"] == "ok"
+    assert _row(rows, "user linaro: vendor password")["status"] == "warn"  # nothing asked to lock it
     assert (out / "boot" / "console.log").read_text(errors="replace").count(
         "airbox-vm: root is the overlay"
     ) == 2
@@ -291,6 +298,82 @@ def test_planted_faults_each_named(
     assert unit["status"] == "fail" and "giving up" in unit["detail"]
     err = [json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")][-1]
     assert err["event"] == "error" and "check(s) failed" in err["message"]
+
+
+def test_fleet_devices_boot_with_their_own_identity(
+    vm_package: Path, vm_cache: Path, tmp_path: Path, key: Path, booted: list[Path]
+) -> None:
+    """A 3-device fleet: two with host keys made at build time (checked strictly against the
+    fleet's known_hosts), one that makes its own on its first boot; a new account logs in with its
+    key, the locked vendor accounts do not with their public passwords."""
+    pub = (key.with_suffix(".pub")).read_text().strip()
+    recipe = write_recipe(
+        tmp_path / "r",
+        vm_package,
+        name="vmfleet",
+        identity={"ssh_host_keys": "per-device"},
+        users={
+            "ops": {"create": True, "groups": ["sudo"], "ssh_authorized_keys": [pub]},
+            "linaro": {"lock": True},
+            "admin": {"lock": True},
+        },
+        ssh={"permit_root_login": False},
+        timezone="Asia/Shanghai",
+        locale="C.UTF-8",
+        devices=[
+            {
+                "name": "a",
+                "hostname": "airbox-a",
+                "network": {"ethernets": {"eth1": {"addresses": ["192.168.150.11/24"]}}},
+            },
+            {
+                "name": "b",
+                "hostname": "airbox-b",
+                "network": {"ethernets": {"eth1": {"addresses": ["192.168.150.12/24"]}}},
+            },
+            {"name": "c", "hostname": "airbox-c", "identity": {"ssh_host_keys": "regenerate"}},
+        ],
+    )
+    out = tmp_path / "out"
+    p = cli(recipe, "-o", out, "--cache-dir", vm_cache, "--quiet")
+    assert p.returncode == 0, p.stderr
+    root = out / "vmfleet"
+    known = (root / "known_hosts").read_text()
+    for device, host in (("a", "airbox-a"), ("b", "airbox-b"), ("c", "airbox-c")):
+        bundle = root / device
+        booted.append(bundle)
+        p, rows = _boot_check(bundle, vm_cache, "--identity", key)
+        assert p.returncode == 0, p.stdout + p.stderr
+        keys = _row(rows, "ssh host keys")
+        assert keys["status"] == "ok", keys
+        if device != "c":
+            assert "the bundle's known_hosts pins" in keys["detail"]
+            box = {
+                " ".join(line.split()[1:3])
+                for line in (bundle / "boot" / "known_hosts").read_text().splitlines()
+            }
+            assert box == {
+                " ".join(line.split()[1:3]) for line in known.splitlines() if line.startswith(host)
+            }
+        else:
+            assert "not the vendor's" in keys["detail"] and not (bundle / "known_hosts").exists()
+        for check in (
+            "sshd",
+            "hostname",
+            "machine-id",
+            "boot 2: host keys",
+            "boot 2: machine-id",
+            "user ops",
+            "user ops: authorized_keys",
+            "user linaro: vendor password",
+            "user admin: vendor password",
+            "timezone",
+            "locale",
+        ):
+            assert _row(rows, check)["status"] == "ok", _row(rows, check)
+        logins = [r for r in rows if r["check"].startswith("user ops: login with")]
+        assert logins and all(r["status"] == "ok" for r in logins), logins
+        assert "sudo" in _row(rows, "user ops")["detail"]
 
 
 def test_stop_and_ssh_without_vm(vm_package: Path, vm_cache: Path, tmp_path: Path) -> None:

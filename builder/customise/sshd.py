@@ -14,12 +14,11 @@ import subprocess
 
 from builder.customise.context import ROOTFS, Customiser
 from builder.errors import RecipeError
+from builder.recipe_system import VENDOR_PASSWORDS
 
 SSHD_CONFIG = "/etc/ssh/sshd_config"
 DROP_IN_DIR = "/etc/ssh/sshd_config.d"
 DROP_IN = f"{DROP_IN_DIR}/00-airbox-build.conf"
-# accounts whose password the vendor publishes (FORMAT.md section 6): name -> password
-VENDOR_PASSWORDS = {"linaro": "linaro", "admin": "admin"}
 
 
 def _directives(text: str) -> list[tuple[int, str, str]]:

@@ -8,6 +8,7 @@ recorded through the agent: never StrictHostKeyChecking=no).
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from builder.recipe_system import VENDOR_PASSWORDS
 from builder.vm.agent import UNIT_NAME, Agent
 
 OK, FAIL, WARN, KNOWN = "ok", "FAIL", "warn", "known"
@@ -52,12 +54,27 @@ class Expect:
     ports: dict[str, int] = field(default_factory=dict)  # app -> guest port
     files: tuple[dict[str, Any], ...] = ()  # report changes: files written (not app trees)
     removed: tuple[str, ...] = ()
+    ssh_host_keys: str | None = None  # the recipe's identity mode; None: no recipe to say
+    machine_id: str | None = None
+    host_keys: tuple[str, ...] = ()  # `type base64` the bundle's known_hosts pins (per-device)
+    locked: tuple[str, ...] = ()  # accounts the recipe locks
+    timezone: str | None = None
+    locale: str | None = None
+    ntp: tuple[str, ...] = ()
 
 
-def expectations(recipe: Any, report: Mapping[str, Any]) -> Expect:
+def expectations(recipe: Any, report: Mapping[str, Any], host_keys: Sequence[str] = ()) -> Expect:
     e = Expect()
+    e.host_keys = tuple(host_keys)
     if recipe is not None:
         e.hostname = recipe.hostname
+        e.ssh_host_keys, e.machine_id = recipe.identity.ssh_host_keys, recipe.identity.machine_id
+        e.locked = tuple(u.name for u in recipe.users if u.lock)
+        e.timezone = recipe.timezone.value if recipe.timezone else None
+        e.locale = recipe.locale.value if recipe.locale else None
+        e.ntp = recipe.ntp.servers if recipe.ntp else ()
+        if recipe.ssh is not None and recipe.ssh.password_authentication is not None:
+            e.password_auth = recipe.ssh.password_authentication
         if recipe.network is not None:
             for i in (*recipe.network.ethernets, *recipe.network.bonds):
                 if i.addresses:
@@ -173,6 +190,8 @@ class Checker:
         self.units("boot 1")
         self.ssh()
         self.users()
+        self.vendor_passwords()
+        self.settings()
         self.ports()
         return ident
 
@@ -197,33 +216,104 @@ class Checker:
         if record:
             lines = [f"{HOST_ALIAS} {' '.join(k.split()[:2])}" for k in keys.splitlines() if k]
             self.known_hosts.write_text("\n".join(lines) + "\n")
-            base = self.baseline or {}
-            vendor_keys = base.get("host keys")
-            shared = vendor_keys is not None and bool(set(keys.splitlines()) & set(vendor_keys.splitlines()))
+            self._identity_rows(keys, mid)
+        return out
+
+    def _identity_rows(self, keys: str, mid: str) -> None:
+        base = self.baseline or {}
+        vendor_keys = base.get("host keys")
+        lines = set(keys.splitlines())
+        box = {" ".join(k.split()[:2]) for k in lines if k}
+        shared = vendor_keys is not None and bool(lines & set(vendor_keys.splitlines()))
+        fresh = "not the vendor's" if vendor_keys is not None else "(no vendor baseline to compare with)"
+        if self.e.host_keys:  # per-device: exactly the keys the bundle's known_hosts pins
+            same = box == set(self.e.host_keys)
             self.row(
                 "ssh host keys",
-                WARN if shared or not keys else OK,
-                "none on the box"
-                if not keys
-                else "the vendor's: every box from this bundle shares them"
-                if shared
-                else f"{len(keys.splitlines())} key(s), not the vendor's"
-                if vendor_keys is not None
-                else f"{len(keys.splitlines())} key(s)",
+                OK if same else FAIL,
+                f"{len(box)} key(s), the ones the bundle's known_hosts pins"
+                if same
+                else f"the box holds other keys than the bundle's known_hosts ({len(box)} on the box)",
             )
-            same_id = base.get("machine-id") is not None and base.get("machine-id") == mid
+        elif not keys:
+            self.row(
+                "ssh host keys", FAIL if self.e.ssh_host_keys == "regenerate" else WARN, "none on the box"
+            )
+        elif shared:
+            asked = self.e.ssh_host_keys in ("regenerate", "per-device")
+            self.row(
+                "ssh host keys",
+                FAIL if asked else WARN,
+                "the vendor's: every box from this bundle shares them"
+                + (f" (the recipe says {self.e.ssh_host_keys})" if asked else ""),
+            )
+        else:
+            self.row("ssh host keys", OK, f"{len(box)} key(s), {fresh}")
+        same_id = base.get("machine-id") is not None and base.get("machine-id") == mid
+        reset = self.e.machine_id == "reset"
+        if not mid:
+            self.row("machine-id", FAIL if reset else WARN, "empty after boot: systemd did not make one")
+        elif same_id:
             self.row(
                 "machine-id",
-                WARN if same_id or not mid else OK,
-                "empty"
-                if not mid
-                else "the vendor's: every box from this bundle shares it"
-                if same_id
-                else "set, not the vendor's"
-                if "machine-id" in base
-                else "set",
+                FAIL if reset else WARN,
+                "the vendor's: every box from this bundle shares it"
+                + (" (the recipe says reset)" if reset else ""),
             )
-        return out
+        else:
+            self.row("machine-id", OK, "set, not the vendor's" if "machine-id" in base else "set")
+
+    def settings(self) -> None:
+        """timezone, locale and NTP servers as the box's own tools report them."""
+        if self.e.timezone:
+            _, link = self.sh("readlink /etc/localtime; date +%Z")
+            ok = link.splitlines()[:1] == [f"/usr/share/zoneinfo/{self.e.timezone}"]
+            self.row("timezone", OK if ok else FAIL, f"{' '.join(link.split())} (recipe: {self.e.timezone})")
+        if self.e.locale:
+            _, out = self.sh('. /etc/default/locale; echo "$LANG"; LANG="$LANG" locale 2>&1 >/dev/null')
+            got = out.splitlines()
+            ok = got[:1] == [self.e.locale] and len(got) == 1
+            self.row("locale", OK if ok else FAIL, f"LANG={' / '.join(got)} (recipe: {self.e.locale})")
+        if self.e.ntp:
+            _, out = self.sh("systemd-analyze cat-config systemd/timesyncd.conf 2>/dev/null | grep '^NTP='")
+            want = f"NTP={' '.join(self.e.ntp)}"
+            self.row(
+                "ntp", OK if want in out.splitlines() else FAIL, f"{out or 'no NTP= line'} (recipe: {want})"
+            )
+
+    def vendor_passwords(self) -> None:
+        """Log in over SSH with each vendor account's public password: refused where it must be."""
+        for user, password in VENDOR_PASSWORDS.items():
+            rc, _ = self.sh(f"getent passwd {q(user)}")
+            if rc != 0:
+                continue
+            must_refuse = user in self.e.locked or self.e.password_auth is False
+            rc, out = self._password_login(user, password)
+            logged_in = rc == 0 and out.splitlines()[-1:] == [user]
+            if logged_in:
+                self.row(
+                    f"user {user}: vendor password",
+                    FAIL if must_refuse else WARN,
+                    f"logs in over SSH with the public password {password!r}"
+                    + (" although the recipe locks it or turns passwords off" if must_refuse else ""),
+                )
+            else:
+                self.row(f"user {user}: vendor password", OK, f"the public password is refused: {out[-160:]}")
+
+    def _password_login(self, user: str, password: str) -> tuple[int, str]:
+        askpass = self.known_hosts.with_name("askpass.sh")
+        askpass.write_text(f"#!/bin/sh\necho {q(password)}\n")
+        askpass.chmod(0o700)
+        env = {"SSH_ASKPASS": str(askpass), "SSH_ASKPASS_REQUIRE": "force", "DISPLAY": ":0"}
+        try:
+            return self._ssh(
+                user,
+                ["-o", "BatchMode=no", "-o", "PreferredAuthentications=password,keyboard-interactive",
+                 "-o", "PubkeyAuthentication=no", "-o", "NumberOfPasswordPrompts=1"],
+                env=env,
+            )  # fmt: skip
+        finally:
+            askpass.unlink(missing_ok=True)
 
     def hostname(self) -> None:
         if self.e.hostname is None:
@@ -404,18 +494,31 @@ class Checker:
     # ------------------------------------------------------------------ from outside
 
     def _ssh(
-        self, user: str, extra: Iterable[str], cmd: str = "id -un", timeout: float = 60
+        self,
+        user: str,
+        extra: Iterable[str],
+        cmd: str = "id -un",
+        timeout: float = 60,
+        env: Mapping[str, str] | None = None,
     ) -> tuple[int, str]:
+        extra = list(extra)
+        batch = [] if any(x.startswith("BatchMode=") for x in extra) else ["-o", "BatchMode=yes"]
         args = [
             "ssh", "-p", str(self.ssh_port), "-o", f"UserKnownHostsFile={self.known_hosts}",
             "-o", "StrictHostKeyChecking=yes", "-o", "GlobalKnownHostsFile=/dev/null",
             "-o", f"HostKeyAlias={HOST_ALIAS}",
-            "-o", "BatchMode=yes", "-o", "ConnectTimeout=20", "-F", "/dev/null", *extra,
+            *batch, "-o", "ConnectTimeout=20", "-F", "/dev/null", *extra,
             f"{user}@127.0.0.1", cmd,
         ]  # fmt: skip
         try:
             p = subprocess.run(
-                args, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+                args,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **env} if env else None,
+                start_new_session=env is not None,  # no terminal: ssh asks SSH_ASKPASS
             )
         except subprocess.TimeoutExpired:
             return 255, "ssh timed out"

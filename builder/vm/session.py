@@ -45,6 +45,16 @@ class BootResult:
         return not any(r.status == FAIL for r in self.rows)
 
 
+def bundle_host_keys(bundle: machine.Bundle) -> tuple[str, ...]:
+    """`type base64` of the keys the bundle's known_hosts says the box has (per-device keys)."""
+    known = bundle.path / "known_hosts"
+    if not known.is_file():
+        return ()
+    return tuple(
+        " ".join(line.split()[1:3]) for line in known.read_text().splitlines() if len(line.split()) >= 3
+    )
+
+
 def load_recipe_of(bundle: machine.Bundle, path: Path | None) -> Any:
     from builder.recipe import load_recipe
 
@@ -53,7 +63,13 @@ def load_recipe_of(bundle: machine.Bundle, path: Path | None) -> Any:
         if not rp or not Path(rp).is_file():
             return None
         path = Path(rp)
-    return load_recipe(path, check_files=False)
+    recipe = load_recipe(path, check_files=False)
+    device = (bundle.report.get("recipe") or {}).get("device")
+    if device and recipe.devices:
+        from builder.recipe_devices import device_by_name
+
+        return device_by_name(recipe, device)
+    return recipe
 
 
 def _vendor_path(bundle: machine.Bundle, given: Path | None, opts: FetchOptions) -> Path | None:
@@ -195,7 +211,7 @@ def boot(
             return result
         checker = Checker(
             ag,
-            expectations(recipe, bundle.report),
+            expectations(recipe, bundle.report, bundle_host_keys(bundle)),
             ssh_port=vm.ssh_port,
             forwards=vm.ports,
             known_hosts=bundle.state / "known_hosts",

@@ -318,6 +318,7 @@ def test_fleet_devices_boot_with_their_own_identity(
             "admin": {"lock": True},
         },
         ssh={"permit_root_login": False},
+        network={"ethernets": {"eth0": {"dhcp4": True}}},  # devices add eth1 (deep merge)
         timezone="Asia/Shanghai",
         locale="C.UTF-8",
         devices=[

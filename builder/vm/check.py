@@ -103,14 +103,32 @@ def expectations(recipe: Any, report: Mapping[str, Any], host_keys: Sequence[str
         and c.get("sha256")
         and c["action"] in ("added", "changed")
         and " apps." not in c.get("origin", "")
+        and not _made_on_first_boot(c)
     )
     written = {
         c["device_path"] for c in report.get("changes", []) if c["action"].startswith(("added", "changed"))
     }
     e.removed = tuple(
-        sorted({c["device_path"] for c in report.get("changes", []) if c["action"] == "removed"} - written)
+        sorted(
+            {
+                c["device_path"]
+                for c in report.get("changes", [])
+                if c["action"] == "removed" and not _made_on_first_boot(c)
+            }
+            - written
+        )
     )
     return e
+
+
+def _made_on_first_boot(change: Mapping[str, Any]) -> bool:
+    """What identity empties or removes so that the box makes its own: machine-id, host keys."""
+    if "identity" not in change.get("origin", ""):
+        return False
+    path = change["device_path"]
+    return path == "/etc/machine-id" or (
+        change["action"] == "removed" and path.startswith("/etc/ssh/ssh_host_")
+    )
 
 
 def q(s: str) -> str:
@@ -297,8 +315,10 @@ class Checker:
                     f"logs in over SSH with the public password {password!r}"
                     + (" although the recipe locks it or turns passwords off" if must_refuse else ""),
                 )
+            elif "Permission denied" in out:
+                self.row(f"user {user}: vendor password", OK, "the public password is refused")
             else:
-                self.row(f"user {user}: vendor password", OK, f"the public password is refused: {out[-160:]}")
+                self.row(f"user {user}: vendor password", FAIL, f"could not try it: {out[-200:]}")
 
     def _password_login(self, user: str, password: str) -> tuple[int, str]:
         askpass = self.known_hosts.with_name("askpass.sh")

@@ -24,7 +24,7 @@ from typing import Any
 from builder import __version__
 from builder.build import CARD, KNOWN_HOSTS, REPORT, SUMS, BuildOptions, BuildResult, box_names, build
 from builder.errors import BuildError
-from builder.events import Reporter
+from builder.events import Reporter, checkpoint
 from builder.hostkeys import ensure_host_keys, fingerprints, keys_dir, known_hosts_lines
 from builder.inputs import InputSpec
 from builder.recipe import Recipe
@@ -93,6 +93,7 @@ def build_fleet(
         delta = device_delta(shared_recipe, device, shared.card)
         stamp = _fingerprint(shared.out_dir, delta, keys)
         folder = root / device.name
+        checkpoint(f"device:{device.name}")  # tests kill a fleet build here
         if _up_to_date(folder, stamp):
             skipped.append(device.name)
             reporter.info(f"device {device.name}: up to date, kept")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 import vendor_fixture as vf
 import yaml
 from buildhelp import cli, debugfs, write_recipe
+from faultkit import build_args, stalled, start_cli
 from test_customise import cat, simulate, stat
 
 OPS_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOpsOpsOpsOpsOpsOpsOpsOpsOpsOpsOpsOpsOpsOpsOps ops@laptop"
@@ -275,6 +277,28 @@ def test_rerun_finishes_only_what_is_missing(fleet) -> None:  # type: ignore[no-
     # write and verify take a device's folder
     ver = cli("verify", out / "fleet" / "site-a")
     assert ver.returncode == 0, ver.stderr
+
+
+def test_killed_fleet_leaves_each_device_complete_or_absent(
+    vendor_ident: vf.MiniPackage, tmp_path: Path
+) -> None:
+    recipe = write_recipe(tmp_path / "r", vendor_ident.dir, "fleet", **FLEET)
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    build = start_cli(build_args(recipe, out, cache), os.environ, stall_at="device:site-b")
+    build.wait_for(stalled)
+    build.signal(signal.SIGKILL)
+    assert build.finish().returncode == -signal.SIGKILL
+    root = out / "fleet"
+    assert (root / "_shared" / "card").is_dir() and (root / "site-a" / "card").is_dir()
+    assert not (root / "site-b").exists() and not (root / "site-c").exists()
+    assert cli("verify", root / "site-a").returncode == 0
+    again = cli("--json", recipe, "-o", out, "--cache-dir", cache)
+    assert again.returncode == 0, again.stderr
+    result = [json.loads(line) for line in again.stdout.splitlines() if '"result"' in line][-1]
+    assert result["kept"] == ["site-a"]  # only what was missing was built
+    for device in ("site-a", "site-b", "site-c"):
+        assert cli("verify", root / device).returncode == 0
+    assert not [p.name for p in root.iterdir() if ".tmp-" in p.name or p.name.endswith(".lock")]
 
 
 def test_one_bundle_with_per_device_keys_gets_known_hosts_and_keeps_its_keys(

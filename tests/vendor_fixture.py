@@ -30,6 +30,7 @@ Layout of a built package root:
 from __future__ import annotations
 
 import calendar
+import hashlib
 import os
 import random
 import re
@@ -1601,11 +1602,15 @@ def _main(argv: list[str]) -> int:
         print("usage: python -m tests.vendor_fixture DIR [FORM]   (FORM: dir tgz zip img img.zip img.xz)")
         return 0 if argv else 2
     root = Path(argv[0])
-    if (root / "sdcard" / "boot.scr").exists():
-        pkg_dir = root / "sdcard"
-        print(pkg_dir)
+    stamp = root / "FIXTURE-SHA256"  # the fixture's own source: a changed fixture makes it anew
+    version = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+    if (root / "sdcard" / "boot.scr").exists() and stamp.is_file() and stamp.read_text().strip() == version:
+        print(root / "sdcard")
         return 0
+    if root.exists():
+        shutil.rmtree(root)
     pkg = build_package(root)
+    stamp.write_text(version + "\n")
     if len(argv) > 1:
         print(make_form(pkg, argv[1], root))
     else:

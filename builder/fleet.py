@@ -33,12 +33,12 @@ from builder.recipe_system import Identity
 
 SHARED = "_shared"
 FLEET_JSON = "fleet.json"
-# sections a device build re-applies when its recipe differs from the shared one there
+# sections that are the shared build's when every device has the recipe's, else each device's
 _SECTIONS = (
     "hostname", "network", "apt", "pip", "users", "files", "overlays", "remove", "services", "apps",
     "ssh", "timezone", "locale", "ntp",
 )  # fmt: skip
-_TEMPLATED = ("files", "overlays")  # rendered with templates: redone when what they see differs
+_TEMPLATED = ("files", "overlays")  # rendered with templates: per device when what they see differs
 _EMPTY: dict[str, Any] = {"users": (), "files": (), "overlays": (), "remove": (), "apps": ()}
 
 
@@ -116,35 +116,45 @@ def _context(r: Recipe) -> tuple[Any, ...]:
     return (r.vars, r.hostname, r.description)
 
 
+def _blank(name: str, r: Recipe) -> Any:
+    if name == "services":
+        return type(r.services)()
+    if name == "identity":
+        return Identity("keep", "keep", r.identity.where, explicit=False)
+    return _EMPTY.get(name)
+
+
+def _varies(recipe: Recipe, name: str) -> bool:
+    """Whether some device's merged recipe differs from the recipe in this section (templated
+    sections also when what their templates see differs)."""
+    for d in recipe.devices:
+        if getattr(d.recipe, name) != getattr(recipe, name):
+            return True
+        if name in _TEMPLATED and _context(d.recipe) != _context(recipe):
+            return True
+    return False
+
+
 def shared_part(recipe: Recipe) -> Recipe:
-    """The recipe without devices; templated sections are left to the devices when what the
-    templates see differs between devices (a device's vars may be all a template can render)."""
-    shared = replace(recipe, devices=())
-    if any(_context(d.recipe) != _context(recipe) for d in recipe.devices):
-        shared = replace(shared, **{name: _EMPTY[name] for name in _TEMPLATED})
-    return shared
+    """The recipe without devices and without every section some device changes: those are
+    applied by each device whole, so that a device's bundle is what its merged recipe built from
+    the vendor package would be (a device can drop an entry of a list the recipe has: a shared
+    build that applied it could not take it back)."""
+    blank = {name: _blank(name, recipe) for name in (*_SECTIONS, "identity") if _varies(recipe, name)}
+    return replace(recipe, devices=(), **blank)
 
 
 def device_delta(shared: Recipe, device: Device, shared_card: Path) -> Recipe:
-    """The device's recipe as a delta on the shared bundle: only what differs is applied again."""
+    """The device's recipe as a delta on the shared bundle: the sections the shared build left
+    out (they vary between devices), and the device's own host keys."""
     mine = device.recipe
     changes: dict[str, Any] = {"base": InputSpec(path=shared_card, where=f"{SHARED} build", name="base")}
-    # templates see vars, recipe.hostname and recipe.description (customise.files.template_vars)
-    context_differs = _context(mine) != _context(shared)
-    for name in _SECTIONS:
-        if getattr(mine, name) == getattr(shared, name) and not (context_differs and name in _TEMPLATED):
-            changes[name] = _EMPTY.get(name)
-    if mine.services == shared.services:
-        changes["services"] = type(mine.services)()
-    # the shared build removed the vendor's keys and machine-id already: the same modes find
-    # nothing left to do; a mode of the device's own (explicit) is applied, e.g. its own keys
-    ident = mine.identity
-    changes["identity"] = Identity(
-        ident.ssh_host_keys,
-        ident.machine_id,
-        ident.where,
-        explicit=ident.ssh_host_keys != shared.identity.ssh_host_keys,
-    )
+    for name in (*_SECTIONS, "identity"):
+        if getattr(shared, name) == getattr(mine, name):
+            changes[name] = _blank(name, mine)  # the shared build applied it
+    if "identity" in changes and per_device_keys(mine):
+        # the shared build removed the vendor's keys and machine-id; the keys are this device's own
+        changes["identity"] = Identity("per-device", "keep", mine.identity.where, explicit=False)
     changes["layout"] = {}
     return replace(mine, **changes)
 

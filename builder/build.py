@@ -17,13 +17,13 @@ from builder.customise.context import Customiser
 from builder.customise.identity import keep_warnings
 from builder.digestmemo import DigestMemo, memo_file
 from builder.emit import Artifact, emit_artifacts
-from builder.errors import BuildError
+from builder.errors import AirboxError, BuildError
 from builder.events import Reporter
 from builder.fetch import FetchOptions, fetch
 from builder.hostkeys import fingerprints, known_hosts_lines
 from builder.imagecache import ImageCache
 from builder.inputs import InputSpec
-from builder.manifest import write_sha256sums
+from builder.manifest import MD5_NAME, parse_md5, write_sha256sums
 from builder.outdir import RESULT, build_slot, replace_dir, scratch_tempdir
 from builder.package.chunks import DEFAULT_LEVEL, JoinedImage
 from builder.package.flashplan import FlashPlan, read_flash_plan
@@ -32,6 +32,7 @@ from builder.package.source import open_package
 from builder.preflight import check_card_chunks, check_package_files, preflight_build
 from builder.previous import EarlierPartition, PreviousBuild, load_previous
 from builder.recipe import Recipe, iter_inputs
+from builder.recipe_devices import static_addresses
 from builder.redact import redact_data
 from builder.repack import ImageEdit, RepackResult, apply_edits, repack
 
@@ -83,12 +84,15 @@ def build(
     folder: str | None = None,
     host_keys: Mapping[str, Path] | None = None,
     report_hook: Callable[[dict[str, Any]], None] | None = None,
+    base_bundle: Path | None = None,
 ) -> BuildResult:
     """Build one bundle into OUTPUT/<folder or recipe name>/.
 
     `host_keys`: this box's own SSH host keys (identity.ssh_host_keys: per-device); the bundle
     then gets a known_hosts file. `report_hook` adds to the report before it is written (a fleet
-    device's bundle says which fleet and shared build it comes from).
+    device's bundle says which fleet and shared build it comes from). `base_bundle`: the base is
+    a bundle this tool made (a fleet's shared build): its files are hard-linked, not copied, and
+    its md5.txt and SHA256SUMS spare hashing them again.
     """
     preflight_build(opts.output_dir)  # tools, e2fsprogs, the output filesystem: before any download
     for warning in keep_warnings(recipe.identity):
@@ -109,7 +113,8 @@ def build(
         work.mkdir()
         with reporter.step("fetch", input=recipe.base.display):
             base = fetch(recipe.base, opts.fetch)
-        with open_package(base.path, work / "source") as files:
+        with open_package(base.path, work / "source") as package:
+            files = LinkingSource(package) if base_bundle is not None else package
             with reporter.step("read package", form=files.form):
                 plan = read_flash_plan(files)
                 check_package_files(plan.files)
@@ -151,7 +156,17 @@ def build(
             if extra_edits:
                 images.update(apply_edits(files, plan, work, extra_edits, opts.workers))
             with reporter.step("repack"):
-                repacked = _repack(files, plan, card, images, opts, reporter, layout, previous=previous)
+                repacked = _repack(
+                    files,
+                    plan,
+                    card,
+                    images,
+                    opts,
+                    reporter,
+                    layout,
+                    previous=previous,
+                    linked_base=bundle_digests(base_bundle) if base_bundle is not None else None,
+                )
                 check_card_chunks(card, _card_chunks(repacked))
         artifacts = emit_artifacts(
             card,
@@ -186,13 +201,44 @@ def build(
         return BuildResult(final, final / CARD, report, tuple(artifacts))
 
 
+class LinkingSource:
+    """A package folder that is a bundle of ours: members are hard-linked (reflinked where the
+    filesystem can), never copied. Safe because bundles are replaced whole, never edited."""
+
+    def __init__(self, files: Any) -> None:
+        self._files = files
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._files, name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._files
+
+    def copy_to(self, name: str, dest: Path, *, link: bool = True) -> None:
+        self._files.copy_to(name, dest, link=True)
+
+
+def bundle_digests(bundle: Path) -> dict[str, tuple[Path, str, str]]:
+    """card file name -> (path, md5, sha256), from a bundle's md5.txt and SHA256SUMS."""
+    card = bundle / CARD
+    try:
+        md5 = dict(parse_md5((card / MD5_NAME).read_text()))
+        sums = (bundle / SUMS).read_text().splitlines()
+    except (OSError, ValueError, AirboxError):
+        return {}
+    out = {}
+    for line in sums:
+        digest, _, rel = line.partition("  ")
+        if rel.startswith(f"{CARD}/"):
+            name = rel[len(CARD) + 1 :]
+            if "/" not in name and name in md5:
+                out[name] = (card / name, md5[name], digest)
+    return out
+
+
 def box_names(recipe: Recipe) -> list[str]:
     """What operators reach the box by: its hostname and its static addresses."""
-    names = [recipe.hostname] if recipe.hostname else []
-    if recipe.network is not None:
-        for ifc in (*recipe.network.ethernets, *recipe.network.bonds):
-            names += [a.split("/")[0] for a in ifc.addresses]
-    return names
+    return ([recipe.hostname] if recipe.hostname else []) + static_addresses(recipe)
 
 
 def _card_chunks(repacked: RepackResult) -> list[tuple[str, int]]:
@@ -239,6 +285,7 @@ def _repack(
     reporter: Reporter,
     layout: LayoutChange | None,
     previous: PreviousBuild | None = None,
+    linked_base: Mapping[str, tuple[Path, str, str]] | None = None,
 ) -> RepackResult:
     total = sum(j.path.stat().st_size for j in images.values() if isinstance(j, JoinedImage))
     with reporter.progress("repack", max(total, 1)) as advance:
@@ -253,6 +300,7 @@ def _repack(
             layout=layout,
             progress=lambda _label, n, _total: advance(n),
             previous=previous,  # the last bundle: what it compressed is linked, not redone
+            linked_base=linked_base,
         )
 
 

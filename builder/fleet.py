@@ -28,7 +28,7 @@ from builder.events import Reporter, checkpoint
 from builder.hostkeys import ensure_host_keys, fingerprints, keys_dir, known_hosts_lines
 from builder.inputs import InputSpec
 from builder.recipe import Recipe
-from builder.recipe_devices import Device
+from builder.recipe_devices import Device, static_addresses
 from builder.recipe_system import Identity
 
 SHARED = "_shared"
@@ -101,7 +101,7 @@ def build_fleet(
             with reporter.step("device", device=device.name):
                 hook = _report_hook(device, shared, stamp)
                 build(delta, replace(opts, output_dir=root), reporter, folder=device.name, host_keys=keys,
-                      report_hook=hook)  # fmt: skip
+                      report_hook=hook, base_bundle=shared.out_dir)  # fmt: skip
         link_identical(shared.out_dir, folder)
         built[device.name] = folder
         entries[device.name] = _entry(device, folder, keys)
@@ -130,9 +130,21 @@ def _varies(recipe: Recipe, name: str) -> bool:
     for d in recipe.devices:
         if getattr(d.recipe, name) != getattr(recipe, name):
             return True
-        if name in _TEMPLATED and _context(d.recipe) != _context(recipe):
+        if name in _TEMPLATED and _context(d.recipe) != _context(recipe) and _renders(recipe, name):
             return True
     return False
+
+
+_JINJA = ("{{", "{%", "{#")
+
+
+def _renders(recipe: Recipe, name: str) -> bool:
+    """Whether the section has templates whose output could depend on what they see."""
+    if name == "files":
+        return any(
+            f.template is not None or any(m in (f.content or "") for m in _JINJA) for f in recipe.files
+        )
+    return any(p.name.endswith(".j2") for o in recipe.overlays for p in o.path.rglob("*"))
 
 
 def shared_part(recipe: Recipe) -> Recipe:
@@ -249,7 +261,7 @@ def _entry(device: Device, folder: Path, keys: Mapping[str, Path] | None) -> dic
         "bundle": device.name,
         "boot_scr_sha256": hashlib.sha256(boot.read_bytes()).hexdigest() if boot.is_file() else None,
         "hostname": device.recipe.hostname,
-        "addresses": box_names(device.recipe)[1 if device.recipe.hostname else 0 :],
+        "addresses": static_addresses(device.recipe),
         "where": device.where,
     }
     if keys is not None:

@@ -89,7 +89,7 @@ def parse_devices(
         if device.recipe.hostname:
             at = item.value.get("hostname", item)
             _unique(seen["hostname"], device.recipe.hostname, "hostname", where, at)
-        for address in _static_addresses(device.recipe):
+        for address in static_addresses(device.recipe):
             at = item.value.get("network", item)
             _unique(seen["address"], address, "static address", where, at)
         devices.append(device)
@@ -106,7 +106,8 @@ def _unique(seen: dict[str, tuple[str, str]], value: str, what: str, where: str,
     seen[value] = (where, value)
 
 
-def _static_addresses(recipe: Recipe) -> list[str]:
+def static_addresses(recipe: Recipe) -> list[str]:
+    """The IP addresses (no prefix) the recipe gives its interfaces and bonds."""
     if recipe.network is None:
         return []
     out = []

@@ -8,6 +8,7 @@ the vendor's .gz, and its script is regenerated only if its chunk list changed.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -111,6 +112,7 @@ def repack(
     layout: LayoutChange | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     previous: PreviousBuild | None = None,
+    linked_base: Mapping[str, tuple[Path, str, str]] | None = None,
 ) -> RepackResult:
     """Write the customised file set into `card` (an empty folder).
 
@@ -175,14 +177,32 @@ def repack(
         dest.parent.mkdir(parents=True, exist_ok=True)
         copy_vendor(files, name, dest, pool)
         copied.append(name)
-    known = pool.known_md5 if pool is not None else {}
+    known = dict(pool.known_md5) if pool is not None else {}
+    base_sha256 = _linked_base_digests(card, linked_base or {}, known)
     md5s = _write_md5(files, plan, card, changed=bool(replaced or written), workers=workers, known=known)
     _check_copies(files, card, [n for n in copied if n not in known], md5s)
     _note_outputs(files, card, result, md5s)
     if pool is not None:
         result.known_sha256 = dict(pool.known_sha256)
+    result.known_sha256.update(base_sha256)
     result.files_written = sorted(p.relative_to(card).as_posix() for p in card.rglob("*") if p.is_file())
     return result
+
+
+def _linked_base_digests(
+    card: Path, linked_base: Mapping[str, tuple[Path, str, str]], known_md5: dict[str, str]
+) -> dict[str, str]:
+    """Digests of card files that are hard links to a bundle of ours the build started from (a
+    fleet's shared build: its md5.txt and SHA256SUMS describe those very inodes)."""
+    sha256s = {}
+    for name, (path, md5, sha256) in linked_base.items():
+        try:
+            if os.path.samefile(card / name, path):
+                known_md5[name] = md5
+                sha256s[name] = sha256
+        except OSError:
+            continue
+    return sha256s
 
 
 def _write_layout(files: FileSet, plan: FlashPlan, layout: LayoutChange, card: Path) -> set[str]:

@@ -171,7 +171,7 @@ def build(
         artifacts = emit_artifacts(
             card,
             result_dir,
-            recipe.name,
+            f"{recipe.name}-{recipe.device}" if recipe.device else recipe.name,
             image=recipe.output.image if opts.image is None else opts.image,
             zip_=recipe.output.zip if opts.zip is None else opts.zip,
             volume_label=recipe.output.volume_label,

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -77,34 +78,42 @@ def build_fleet(
         reporter.info(f"{root} held a single bundle of this recipe: the fleet replaces it")
         shutil.rmtree(root)
     chosen = [d for d in recipe.devices if not only or d.name in only]
-    with reporter.step("shared build", devices=len(chosen)):
-        shared_recipe = shared_part(recipe)
-        shared = build(shared_recipe, replace(opts, output_dir=root), reporter, folder=SHARED)
-    built: dict[str, Path] = {}
-    skipped = []
-    entries: dict[str, Any] = {}
-    for device in chosen:
-        keys = None
-        if per_device_keys(device.recipe):
-            keys = ensure_host_keys(
-                keys_dir(opts.output_dir, recipe.name, device.name),
-                f"root@{device.recipe.hostname or device.name}",
+    # new host keys (ssh-keygen: about 1 s for rsa 3072) are made beside the shared build
+    with ThreadPoolExecutor(1, thread_name_prefix="ssh-keygen") as keygen:
+        pending = {
+            d.name: keygen.submit(
+                ensure_host_keys,
+                keys_dir(opts.output_dir, recipe.name, d.name),
+                f"root@{d.recipe.hostname or d.name}",
             )
-        delta = device_delta(shared_recipe, device, shared.card)
-        stamp = _fingerprint(shared.out_dir, delta, keys)
-        folder = root / device.name
-        checkpoint(f"device:{device.name}")  # tests kill a fleet build here
-        if _up_to_date(folder, stamp):
-            skipped.append(device.name)
-            reporter.info(f"device {device.name}: up to date, kept")
-        else:
-            with reporter.step("device", device=device.name):
-                hook = _report_hook(device, shared, stamp)
-                build(delta, replace(opts, output_dir=root), reporter, folder=device.name, host_keys=keys,
-                      report_hook=hook, base_bundle=shared.out_dir)  # fmt: skip
-        link_identical(shared.out_dir, folder)
-        built[device.name] = folder
-        entries[device.name] = _entry(device, folder, keys)
+            for d in chosen
+            if per_device_keys(d.recipe)
+        }
+        with reporter.step("shared build", devices=len(chosen)):
+            shared_recipe = shared_part(recipe)
+            # no card image or zip of the shared build: only devices go on cards
+            shared_opts = replace(opts, output_dir=root, image=False, zip=False)
+            shared = build(shared_recipe, shared_opts, reporter, folder=SHARED)
+        built: dict[str, Path] = {}
+        skipped = []
+        entries: dict[str, Any] = {}
+        for device in chosen:
+            keys = pending[device.name].result() if device.name in pending else None
+            delta = device_delta(shared_recipe, device, shared.card)
+            stamp = _fingerprint(shared.out_dir, delta, keys)
+            folder = root / device.name
+            checkpoint(f"device:{device.name}")  # tests kill a fleet build here
+            if _up_to_date(folder, stamp):
+                skipped.append(device.name)
+                reporter.info(f"device {device.name}: up to date, kept")
+            else:
+                with reporter.step("device", device=device.name):
+                    hook = _report_hook(device, shared, stamp)
+                    build(delta, replace(opts, output_dir=root), reporter, folder=device.name, host_keys=keys,
+                          report_hook=hook, base_bundle=shared.out_dir)  # fmt: skip
+            link_identical(shared.out_dir, folder)
+            built[device.name] = folder
+            entries[device.name] = _entry(device, folder, keys)
     if not only:
         _remove_gone(root, names)
     _write_fleet(root, recipe, entries, complete=not only)

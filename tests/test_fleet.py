@@ -366,6 +366,25 @@ def test_default_passwords_warn_until_fixed(vendor_package: vf.MiniPackage, tmp_
     assert res.returncode == 0 and "public password" not in res.stderr, res.stderr
 
 
+def test_fleet_keep_warns_once_and_images_are_named_by_device(
+    vendor_package: vf.MiniPackage, tmp_path: Path
+) -> None:
+    recipe = write_recipe(
+        tmp_path / "r",
+        vendor_package.dir,
+        "imgfleet",
+        identity="keep",
+        output={"zip": True},
+        devices=[{"name": "one", "hostname": "box-1"}, {"name": "two", "hostname": "box-2"}],
+    )
+    res = cli(recipe, "-o", tmp_path / "out", "--cache-dir", tmp_path / "cache")
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.count("identity.ssh_host_keys: keep") == 1
+    root = tmp_path / "out" / "imgfleet"
+    assert (root / "one" / "imgfleet-one.zip").is_file() and (root / "two" / "imgfleet-two.zip").is_file()
+    assert not list((root / "_shared").glob("*.zip"))
+
+
 def test_csv_devices(vendor_package: vf.MiniPackage, tmp_path: Path) -> None:
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "devices.csv").write_text("name,hostname,vars.site\nn1,box-1,North\nn2,box-2,South\n")

@@ -274,6 +274,9 @@ def test_rerun_finishes_only_what_is_missing(fleet) -> None:  # type: ignore[no-
     for device in ("site-a",):
         a, b = root / device / "known_hosts", out / "fleet" / device / "known_hosts"
         assert a.read_text() != b.read_text()  # other output, other keys (made there)
+    # boot names a device when given the fleet's folder (no VM is started)
+    fleet_boot = cli("boot", out / "fleet")
+    assert fleet_boot.returncode == 1 and "is a fleet: boot one device's bundle" in fleet_boot.stderr
     # write and verify take a device's folder
     ver = cli("verify", out / "fleet" / "site-a")
     assert ver.returncode == 0, ver.stderr

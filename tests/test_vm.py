@@ -321,6 +321,7 @@ def test_fleet_devices_boot_with_their_own_identity(
         network={"ethernets": {"eth0": {"dhcp4": True}}},  # devices add eth1 (deep merge)
         timezone="Asia/Shanghai",
         locale="C.UTF-8",
+        ntp=["ntp.aliyun.com", "203.107.6.88"],
         devices=[
             {
                 "name": "a",
@@ -370,6 +371,7 @@ def test_fleet_devices_boot_with_their_own_identity(
             "user admin: vendor password",
             "timezone",
             "locale",
+            "ntp",
         ):
             assert _row(rows, check)["status"] == "ok", _row(rows, check)
         logins = [r for r in rows if r["check"].startswith("user ops: login with")]

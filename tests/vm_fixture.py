@@ -41,6 +41,7 @@ PACKAGES = (
     "udev",
     "kmod",
     "tzdata",
+    "systemd-timesyncd",  # the box's NTP client (Ubuntu 20.04 has it in systemd itself)
 )
 MMDEBSTRAP_ARGS = (
     "--architectures=arm64",

@@ -58,6 +58,12 @@ class Bundle:
 def locate(path: Path, state: Path | None = None) -> Bundle:
     path = path.resolve()
     report: dict[str, Any] = {}
+    if (path / "fleet.json").is_file() and not (path / "card").is_dir():
+        devices = sorted(json.loads((path / "fleet.json").read_text()).get("devices", {}))
+        raise VMError(
+            f"{path} is a fleet: boot one device's bundle",
+            hint=f"e.g. airbox-build boot {path / devices[0]}" if devices else "build the fleet first",
+        )
     if (path / "card").is_dir():
         card, default_state = path / "card", path / "boot"
         rp = path / "build-report.json"

@@ -219,8 +219,15 @@ def start_cli(args: Sequence[str], env: Mapping[str, str], stall_at: str | None 
         text=True,
         env=env,
         start_new_session=True,
+        preexec_fn=_default_sigint,
     )
     return StoppedBuild(proc)
+
+
+def _default_sigint() -> None:
+    """A shell runs background jobs (`cmd &`, nohup) with SIGINT ignored, and exec keeps that:
+    the build under test must get Ctrl-C as a terminal would give it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def stalled(ev: dict[str, Any]) -> bool:

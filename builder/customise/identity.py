@@ -26,7 +26,6 @@ KEYGEN_UNIT = "airbox-ssh-host-keys.service"
 MACHINE_ID = "/etc/machine-id"
 DBUS_MACHINE_ID = "/var/lib/dbus/machine-id"
 SSH_UNITS = ("ssh.service", "sshd.service", "ssh.socket")
-KEY_TYPES = ("ed25519", "ecdsa", "rsa")  # what `per-device` makes (rsa: 3072 bits)
 
 
 def keygen_unit(keygen: str, before: list[str]) -> str:
@@ -127,16 +126,7 @@ def _install_keygen(c: Customiser, where: str) -> None:
             where=where,
             hint="use `ssh_host_keys: per-device` (keys made at build time) or install openssh-client",
         )
-    before = []
-    for unit in SSH_UNITS:
-        found = find_unit(c, unit)
-        if found is None:
-            continue
-        before.append(unit)
-        if unit != "ssh.socket" and "sshd -t" not in found[1] and "ExecStartPre" not in found[1]:
-            c.reporter.info(
-                f"identity: {found[0]} runs sshd without a config test; host keys come first anyway"
-            )
+    before = [unit for unit in SSH_UNITS if find_unit(c, unit) is not None]
     if not before:
         c.reporter.warn(
             "identity: the image has no ssh.service, sshd.service or ssh.socket: host keys are removed "

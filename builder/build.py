@@ -16,7 +16,7 @@ from builder.customise.apps import app_report, check_app_budget
 from builder.customise.context import Customiser
 from builder.customise.identity import keep_warnings
 from builder.digestmemo import DigestMemo, memo_file
-from builder.emit import Artifact, emit_artifacts
+from builder.emit import Artifact, emit_artifacts, read_sha256sums
 from builder.errors import AirboxError, BuildError
 from builder.events import Reporter
 from builder.fetch import FetchOptions, fetch
@@ -223,17 +223,15 @@ def bundle_digests(bundle: Path) -> dict[str, tuple[Path, str, str]]:
     card = bundle / CARD
     try:
         md5 = dict(parse_md5((card / MD5_NAME).read_text()))
-        sums = (bundle / SUMS).read_text().splitlines()
+        sums = read_sha256sums(bundle / SUMS)
     except (OSError, ValueError, AirboxError):
         return {}
-    out = {}
-    for line in sums:
-        digest, _, rel = line.partition("  ")
-        if rel.startswith(f"{CARD}/"):
-            name = rel[len(CARD) + 1 :]
-            if "/" not in name and name in md5:
-                out[name] = (card / name, md5[name], digest)
-    return out
+    prefix = f"{CARD}/"
+    return {
+        rel[len(prefix) :]: (bundle / rel, md5[rel[len(prefix) :]], digest)
+        for rel, digest in sums.items()
+        if rel.startswith(prefix) and rel[len(prefix) :] in md5
+    }
 
 
 def box_names(recipe: Recipe) -> list[str]:

@@ -24,6 +24,7 @@ from typing import Any
 
 from builder import __version__
 from builder.build import CARD, KNOWN_HOSTS, REPORT, SUMS, BuildOptions, BuildResult, box_names, build
+from builder.emit import read_sha256sums
 from builder.errors import BuildError
 from builder.events import Reporter, checkpoint
 from builder.hostkeys import ensure_host_keys, fingerprints, keys_dir, known_hosts_lines
@@ -252,16 +253,10 @@ def link_identical(shared: Path, folder: Path) -> int:
 
 
 def _sums(path: Path) -> dict[str, str]:
-    out = {}
     try:
-        text = path.read_text()
+        return read_sha256sums(path)
     except OSError:
-        return out
-    for line in text.splitlines():
-        digest, _, rel = line.partition("  ")
-        if rel:
-            out[rel.lstrip("*")] = digest
-    return out
+        return {}
 
 
 def _entry(device: Device, folder: Path, keys: Mapping[str, Path] | None) -> dict[str, Any]:

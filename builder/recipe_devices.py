@@ -63,7 +63,7 @@ def parse_devices(
     if not fragments:
         raise err(node, path, "lists no device", "leave `devices` out to build one bundle")
     devices: list[Device] = []
-    seen: dict[str, dict[str, tuple[str, str]]] = {"name": {}, "hostname": {}, "address": {}}
+    seen: dict[str, dict[str, str]] = {"name": {}, "hostname": {}, "address": {}}  # value -> where
     for item, item_path in fragments:
         if not item.is_map:
             raise _type_error(item, item_path, "a mapping with at least `name`")
@@ -96,14 +96,14 @@ def parse_devices(
     return tuple(devices)
 
 
-def _unique(seen: dict[str, tuple[str, str]], value: str, what: str, where: str, at: Node) -> None:
+def _unique(seen: dict[str, str], value: str, what: str, where: str, at: Node) -> None:
     if value in seen:
         raise RecipeError(
-            f"{what} {value} is used by two devices: {seen[value][0]} and this one",
+            f"{what} {value} is used by two devices: {seen[value]} and this one",
             where=f"{at.mark}: devices ({where})",
             hint="every device needs its own; change one of the two entries",
         )
-    seen[value] = (where, value)
+    seen[value] = where
 
 
 def static_addresses(recipe: Recipe) -> list[str]:

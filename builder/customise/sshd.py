@@ -35,12 +35,13 @@ def _directives(text: str) -> list[tuple[int, str, str]]:
     return out
 
 
+def _include_patterns(value: str) -> list[str]:
+    """The paths an `Include` line names (relative ones are under /etc/ssh, as sshd reads them)."""
+    return [p if p.startswith("/") else posixpath.join("/etc/ssh", p) for p in value.split()]
+
+
 def _includes_drop_in(value: str) -> bool:
-    for pattern in value.split():
-        pattern = pattern if pattern.startswith("/") else posixpath.join("/etc/ssh", pattern)
-        if fnmatch.fnmatch(DROP_IN, pattern):
-            return True
-    return False
+    return any(fnmatch.fnmatch(DROP_IN, pattern) for pattern in _include_patterns(value))
 
 
 def ssh(c: Customiser) -> None:
@@ -93,8 +94,7 @@ def password_login(c: Customiser) -> bool:
         return False
     for _, key, value in _directives(text):
         if key == "include":
-            for pattern in value.split():
-                pattern = pattern if pattern.startswith("/") else posixpath.join("/etc/ssh", pattern)
+            for pattern in _include_patterns(value):
                 for path in _glob(c, pattern):
                     for _, k, v in _directives(c.read_text_root(path) or ""):
                         if k == "passwordauthentication":

@@ -182,6 +182,7 @@ def build(
             report = _report(recipe, base, files.form, plan, repacked, reporter)
             report["changes"] = cust.report()
             report["apps"] = app_report(cust)
+            report["bundle_id"] = cust.bundle_id
             report["artifacts"] = {a.kind: a.name for a in artifacts}
             if recipe.device is not None:
                 report["recipe"]["device"] = recipe.device

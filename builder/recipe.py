@@ -762,6 +762,10 @@ class Output:
     zip: bool = False
     shrink: bool = True
     volume_label: str = "AIRBOX"
+    bundle_id: str = "auto"  # /etc/airbox-build.json: auto (when the build changes the image), always, never
+
+
+BUNDLE_ID_MODES = ("auto", "always", "never")
 
 
 @dataclass(frozen=True)
@@ -1518,7 +1522,7 @@ class _RecipeParser:
 
     def output(self, node: Node) -> Output:
         path: KeyPath = ("output",)
-        given = fields(node, path, ("image", "zip", "shrink", "volume_label"))
+        given = fields(node, path, ("image", "zip", "shrink", "volume_label", "bundle_id"))
         flags = {
             key: expect_bool(given[key], (*path, key)) for key in ("image", "zip", "shrink") if key in given
         }
@@ -1533,4 +1537,18 @@ class _RecipeParser:
                     f"{label!r} is not a FAT volume label: up to 11 upper-case letters, digits, space, _, -",
                     hint,
                 )
-        return Output(volume_label=label, **flags)
+        bundle_id = Output.bundle_id
+        if "bundle_id" in given:
+            node_id = given["bundle_id"]
+            if isinstance(node_id.value, bool):  # `true`/`false` read as always/never
+                bundle_id = "always" if node_id.value else "never"
+            else:
+                bundle_id = expect_str(node_id, (*path, "bundle_id"))
+            if bundle_id not in BUNDLE_ID_MODES:
+                raise err(
+                    node_id,
+                    (*path, "bundle_id"),
+                    f"{bundle_id!r} is not one of: {', '.join(BUNDLE_ID_MODES)}",
+                    "auto writes /etc/airbox-build.json whenever the build changes the image",
+                )
+        return Output(volume_label=label, bundle_id=bundle_id, **flags)

@@ -387,7 +387,8 @@ def test_unknown_nested_key_suggests(tmp_path: Path) -> None:
 
 def test_unknown_key_without_close_match_lists_known_keys(tmp_path: Path) -> None:
     e, _ = fails(tmp_path, HEAD + "output: {zzzz: 1}\n")
-    assert e.message == "unknown key `zzzz`" and e.hint == "known keys here: image, shrink, volume_label, zip"
+    assert e.message == "unknown key `zzzz`"
+    assert e.hint == "known keys here: bundle_id, image, shrink, volume_label, zip"
 
 
 def test_wrong_type_says_expected_and_found(tmp_path: Path) -> None:

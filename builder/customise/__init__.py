@@ -41,7 +41,8 @@ STEPS: tuple[tuple[str, Step], ...] = (
 def needs_customising(c: Customiser) -> bool:
     r = c.recipe
     return bool(
-        r.identity.ssh_host_keys != "keep"
+        r.output.bundle_id == "always"
+        or r.identity.ssh_host_keys != "keep"
         or r.identity.machine_id != "keep"
         or r.ssh
         or r.timezone

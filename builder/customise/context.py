@@ -17,6 +17,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from builder.customise.bundleid import (
+    BUNDLE_ID_PATH,
+    ORIGIN,
+    bundle_id_doc,
+    content_id,
+    encode,
+    vendor_digest,
+)
 from builder.digestmemo import DigestMemo
 from builder.errors import BuildError, RecipeError
 from builder.events import Reporter
@@ -153,6 +161,7 @@ class Customiser:
         self.fetch_opts: Any = None  # FetchOptions, for steps that download (app wheels)
         self.stage_cache: Path | None = None  # CACHE/apps: staged app trees kept between builds
         self.host_keys: Mapping[str, Path] | None = None  # per-device host keys: type -> private key
+        self.bundle_id: dict[str, Any] | None = None  # what /etc/airbox-build.json says, once written
 
     # ------------------------------------------------------------------ images
 
@@ -597,6 +606,7 @@ class Customiser:
         """Apply every batch; return what each changed partition is: the edited image (a copy of
         the vendor's, or for a small edit the cached image itself, put back after packing), or
         the last build's result of the very same edits (builder.previous)."""
+        self._write_bundle_id()
         self._clear_overlay_shadows()
         self._check_budget()  # before hashing what is added: a too-big input fails at once
         self._hash_sources()
@@ -649,6 +659,30 @@ class Customiser:
         for fn in self.after_apply:
             fn()
         return changed
+
+    def _write_bundle_id(self) -> None:
+        """/etc/airbox-build.json, named after every other edit of the build (builder.customise.bundleid)."""
+        mode = self.recipe.output.bundle_id
+        if mode == "never":
+            return
+        self._hash_sources()
+        edited = {label: b for label, b in self._batches.items() if len(b)}
+        if not edited and mode == "auto":
+            return  # the vendor's image as it is: a no-op build stays byte for byte the package
+        if not self.has_partition(ROOTFS):
+            if mode == "always":
+                raise BuildError(
+                    "output.bundle_id: always, but the package has no ROOTFS partition to hold "
+                    f"{BUNDLE_ID_PATH}",
+                    hint="set output.bundle_id: auto or never",
+                )
+            return
+        chunks = {label: [c.file for c in self.partition(label).chunks] for label in edited}
+        vendor = vendor_digest(self.files, edited, chunks)
+        bundle = content_id(vendor, [(label, b.fingerprint(self._digest)) for label, b in edited.items()])
+        doc = bundle_id_doc(self.recipe.name, self.recipe.device, bundle, self.epoch)
+        self.write(BUNDLE_ID_PATH, data=encode(doc), mode=0o644, origin=ORIGIN)
+        self.bundle_id = doc
 
     def _check_overlay_room(self, vendor: Ext4Info, built: Ext4Info) -> None:
         """ROOTFS_RW must keep room for the overlay's work folder (and what the box writes at its

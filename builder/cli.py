@@ -395,10 +395,23 @@ def inspect(ctx: click.Context, source: Path, as_json: bool) -> None:
     help="Also compare every file, sha256 by sha256, with this bundle (OUTPUT/<name> or its card/); "
     "a mounted card is read past the OS cache.",
 )
+@click.option(
+    "--ota-from",
+    "ota_from",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="With --simulate: play an update in the field from partition N of the box (the GPT number "
+    "of the partition holding the bundle) over the existing eMMC image, as `push` triggers it.",
+)
 @click.pass_context
 @guarded
 def verify(
-    ctx: click.Context, path: Path, simulate: Path | None, extract: Path | None, against: Path | None
+    ctx: click.Context,
+    path: Path,
+    simulate: Path | None,
+    extract: Path | None,
+    against: Path | None,
+    ota_from: int | None,
 ) -> None:
     """Check a bundle (output folder, card folder or card image) before it touches a card,
     or a mounted card after writing it (against its md5.txt, and --against the bundle)."""
@@ -409,11 +422,14 @@ def verify(
 
     reporter = _reporter(ctx)
     target = path / "card" if (path / "card").is_dir() else path
+    if ota_from is not None and (simulate is None or not simulate.is_file()):
+        raise click.UsageError("--ota-from needs --simulate EMMC.img naming an existing eMMC image")
     with (
         tempfile.TemporaryDirectory(prefix="airbox-verify-") as tmp,
-        open_package(target, Path(tmp)) as files,reporter.step("verify")
+        open_package(target, Path(tmp)) as files,
+        reporter.step("verify"),
     ):
-        rep = verify_fileset(files, simulate=simulate)
+        rep = verify_fileset(files, simulate=simulate, ota=ota_from)
         if against is not None:
             from builder.cli_card import against_failures
 

@@ -18,12 +18,14 @@ from isal import isal_zlib
 
 from builder.errors import AirboxError, PackageError
 from builder.manifest import MD5_NAME, parse_md5
+from builder.ota import ota_plan
 from builder.package.chunks import (
     GZIP_WBITS,
     PIECE,
     default_workers,
     is_fat_safe,
     pwrite_all,
+    pwrite_over,
     pwrite_sparse,
 )
 from builder.package.flashplan import (
@@ -94,17 +96,22 @@ def _write_source(line: str) -> str:
 class _RamModel:
     """What sits in RAM after each partial chunk's end, so a simulated write is exact."""
 
-    def __init__(self, writes: list[_Write]) -> None:
+    def __init__(self, writes: list[_Write], played: set[int] | None = None) -> None:
         self.writes = writes
+        self.played = set(range(len(writes))) if played is None else played  # an update skips some
         # for each partial write j: (ram address, start, end) of the bytes it copies from stale RAM
         self.tails: dict[int, tuple[str, int, int]] = {}
         for j, w in enumerate(writes):
+            if j not in self.played:
+                continue
             n = w.chunk.unzip_bytes
             if n is not None and n % SECTOR:
                 self.tails[j] = (w.ram, n, w.chunk.count_sectors * SECTOR)
         self.captured: dict[int, dict[int, bytes]] = {}  # write i -> {tail j: bytes of i at j's range}
 
     def wants(self, i: int) -> list[tuple[int, int, int]]:
+        if i not in self.played:
+            return []
         ram = self.writes[i].ram
         return [(j, s, e) for j, (r, s, e) in self.tails.items() if r == ram and j != i]
 
@@ -156,9 +163,14 @@ def verify_fileset(
     files: FileSet,
     *,
     simulate: Path | None = None,
+    ota: int | None = None,
     workers: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> VerifyReport:
+    """Check a bundle; with `simulate`, play it into that eMMC image as U-Boot would. With `ota`
+    (the GPT number of the partition holding the bundle) play an update in the field instead:
+    the image must hold the box as it is, and only what the scripts then write is written
+    (builder.ota)."""
     report = VerifyReport()
     names = files.names()
     for bad in FORBIDDEN_TOP:
@@ -187,7 +199,19 @@ def verify_fileset(
                 f"{files.size(w.chunk.file)} bytes compressed: over 256 MiB it overruns unzip_addr "
                 "when U-Boot loads it",
             )
-    _check_and_simulate(files, plan, writes, report, simulate, workers, progress)
+    played = None
+    if ota is not None:
+        try:
+            update = ota_plan(plan, ota)
+        except AirboxError as e:
+            report.fail(e.where or "package", e.message)
+            return report
+        labels = set(update.written)
+        scripts = {p.script for p in plan.partitions if p.label in labels}
+        if update.gpt_written:
+            scripts.add(plan.gpt_script)
+        played = {i for i, w in enumerate(writes) if w.script in scripts}
+    _check_and_simulate(files, plan, writes, report, simulate, workers, progress, played)
     return report
 
 
@@ -242,10 +266,15 @@ def _check_and_simulate(
     simulate: Path | None,
     workers: int | None,
     progress: Callable[[int], None] | None,
+    played: set[int] | None = None,
 ) -> None:
     fd: int | None = None
-    ram = _RamModel(writes)
-    if simulate is not None:
+    ram = _RamModel(writes, played)
+    put = pwrite_sparse
+    if simulate is not None and played is not None:  # an update: over the box as it is
+        fd = os.open(simulate, os.O_RDWR)
+        put = pwrite_over
+    elif simulate is not None:
         fd = os.open(simulate, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         os.ftruncate(fd, plan.table.disk_kb * 1024)
 
@@ -255,9 +284,11 @@ def _check_and_simulate(
         base = w.chunk.offset_sectors * SECTOR
         wants = ram.wants(i)
 
+        play = fd is not None and i in ram.played
+
         def sink(off: int, data: bytes) -> None:
-            if fd is not None:
-                pwrite_sparse(fd, data, base + off)
+            if play:
+                put(fd, data, base + off)
             if wants:
                 ram.capture(i, off, data, wants)
             if progress:

@@ -26,7 +26,10 @@ import uboot
 import vendor_fixture as vf
 from buildhelp import cli, run_build, write_recipe
 
+from builder.ota import ota_plan, update_files
+from builder.package.flashplan import read_flash_plan
 from builder.package.layout import parse_partition_xml
+from builder.package.source import open_package
 
 pytestmark = pytest.mark.slow
 
@@ -496,3 +499,109 @@ def test_deb_src_entry_is_found_or_written_for_bookworm(tmp_path: Path) -> None:
     assert uboot.has_deb_src(uboot.read_apt_sources(lst, d), "bookworm")
     (d / "ours.sources").write_text("Enabled: no\n" + stanza)
     assert not uboot.has_deb_src(uboot.read_apt_sources(lst, d), "bookworm")
+
+
+# ----------------------------------------------------------------------------- update in the field
+
+OTA_DIR = "/ota/airbox"  # where push puts a bundle on DATA (/data/ota/airbox on the box)
+
+
+def update_folder(card: Path, number: int, dest: Path) -> Path:
+    """The bundle as push sends it for an update from partition `number` (builder.ota)."""
+    with open_package(card, dest.parent / "src") as files:
+        plan = read_flash_plan(files)
+        changed = update_files(files, plan, ota_plan(plan, number))
+    shutil.copytree(card, dest)
+    for name, data in changed.items():
+        (dest / name).write_bytes(data)
+    return dest
+
+
+def place_bundle(emmc: Path, part: vf.BuiltPartition, card: Path, work: Path) -> None:
+    """What push leaves on the box: the partition's filesystem grown to the whole partition (the
+    box's first boot does that), the bundle's files in OTA_DIR. Written with debugfs, rootless."""
+    image = cut(emmc, part.offset_sectors, part.size_sectors, work / "holding.img")
+    _sh("e2fsck", "-fy", image)
+    _sh("resize2fs", image, f"{part.size_sectors // 2}K")
+    cmds = (
+        ["mkdir /ota", f"mkdir {OTA_DIR}"]
+        if "/ota" not in _sh("debugfs", "-R", "ls -p /", image)
+        else [f"mkdir {OTA_DIR}"]
+    )
+    cmds += [f"write {p} {OTA_DIR}/{p.name}" for p in sorted(card.iterdir())]
+    _debugfs_write(image, cmds)
+    check_ext4(image)
+    with open(emmc, "r+b") as f:
+        f.seek(part.offset_sectors * SECTOR)
+        f.write(image.read_bytes())
+
+
+def test_real_uboot_updates_from_the_emmc_itself_exactly_as_verify_simulates(
+    uboot_bin: Path, vendor_package: vf.MiniPackage, tmp_path: Path
+) -> None:
+    """The update `push` arms: the bundle on the box's DATA (p7), `load_partition=7`; U-Boot reads
+    every chunk from the eMMC it writes. DATA and the GPT stay; the rest is the new bundle."""
+    recipe = write_recipe(
+        tmp_path / "r",
+        vendor_package.dir,
+        name="ota",
+        hostname="airbox-ota",
+        files=[{"path": "/etc/airbox/ota-note.txt", "content": "updated in the field\n"}],
+    )
+    res = run_build(recipe, tmp_path / "out", tmp_path / "cache")
+    bundle_id = res.report["bundle_id"]["bundle"]
+    holding = next(p for p in vendor_package.partitions if p.label == "DATA")
+    number = vendor_package.partitions.index(holding) + 1
+
+    # the box as the vendor package installed it, then the bundle placed where push puts it
+    start = tmp_path / "start.img"
+    out = cli("verify", vendor_package.dir, "--simulate", start)
+    assert out.returncode == 0, out.stderr
+    size = start.stat().st_size
+    with open(start, "r+b") as f:
+        f.truncate(uboot.power_of_two_at_least(size))
+    work = tmp_path / "qemu"
+    work.mkdir()
+    pushed = update_folder(res.card, number, work / "pushed")
+    assert (pushed / "gpt.gz").read_bytes() == (res.card / "gpt.gz").read_bytes()
+    assert (pushed / "boot_emmc-data.scr").read_bytes() != (res.card / "boot_emmc-data.scr").read_bytes()
+    assert subprocess.run(["md5sum", "-c", "--quiet", "md5.txt"], cwd=pushed).returncode == 0
+    place_bundle(start, holding, pushed, work)
+    holding_before = read_at(start, holding.offset_sectors * SECTOR, holding.size_sectors * SECTOR)
+
+    emmc = work / "emmc.img"
+    shutil.copyfile(start, emmc)
+    card = uboot.make_sparse(work / "no-card.img", 1 << 20)  # nothing in the card slot
+    env = uboot.flash_env("boot_emmc.scr", devnum="0", distro_bootpart=str(number), ota_path=OTA_DIR[1:])
+    env["load_partition"] = str(number)
+    env["bootcmd"] = env["bootcmd"].replace(
+        "mmc 1:1 ${scriptaddr} /", f"mmc 0:{number} ${{scriptaddr}} {OTA_DIR}/"
+    )
+    env = uboot.make_env_image(work / "env.bin", env)
+    run = uboot.run_qemu(uboot_bin, env, emmc, card, timeout=QEMU_TIMEOUT, log=work / "qemu.log")
+    print(f"\nQEMU: {run.seconds:.1f} s for an update from p{number}")
+    assert_u_boot_finished(run, work / "qemu.log")
+    assert "skip empty part_num partition" in run.log  # the GPT script saw load_partition
+    assert f"skip partition {number}" in run.log
+    written = logged_writes(run.log)
+    assert written and all(block >= 8192 for block, _ in written)  # never the GPT
+    inside = holding.offset_sectors, holding.offset_sectors + holding.size_sectors
+    assert not [w for w in written if inside[0] <= w[0] < inside[1]]  # never the bundle's partition
+
+    # the partition that holds the bundle and the GPT are as they were; the bundle is still there
+    assert read_at(emmc, holding.offset_sectors * SECTOR, holding.size_sectors * SECTOR) == holding_before
+    assert read_at(emmc, 0, 34 * SECTOR) == read_at(start, 0, 34 * SECTOR)
+    rootfs = next(p for p in vendor_package.partitions if p.label == "ROOTFS")
+    image = cut(emmc, rootfs.offset_sectors, rootfs.size_sectors, work / "rootfs.img")
+    check_ext4(image)
+    assert file_of(image, "/etc/hostname", work) == b"airbox-ota\n"
+    assert file_of(image, "/etc/airbox/ota-note.txt", work) == b"updated in the field\n"
+    assert f'"bundle": "{bundle_id}"' in file_of(image, "/etc/airbox-build.json", work).decode()
+
+    # the simulator's update of the same start image writes the very same disk
+    sim = tmp_path / "sim.img"
+    shutil.copyfile(start, sim)
+    out = cli("verify", res.out_dir, "--simulate", sim, "--ota-from", str(number))
+    assert out.returncode == 0, out.stdout + out.stderr
+    diff = differing_ranges(sim, emmc, emmc.stat().st_size)
+    assert diff == [], f"verify --simulate --ota-from and U-Boot disagree at byte ranges {diff}"

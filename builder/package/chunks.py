@@ -6,14 +6,16 @@ GIL), streaming in small pieces, so memory stays bounded whatever the image size
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import re
 import shutil
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from isal import isal_zlib
 
@@ -113,6 +115,30 @@ def pwrite_sparse(fd: int, data: bytes, offset: int) -> None:
         # bytes.startswith is one memcmp; comparing memoryviews goes element by element
         if not _ZEROS.startswith(piece):
             pwrite_all(fd, piece, offset + start)
+
+
+def pwrite_over(fd: int, data: bytes, offset: int) -> None:
+    """Write `data` at `offset` over what is there: all-zero pieces become holes (punched where
+    the filesystem can, written as zeros where it cannot), so the result reads as `data`."""
+    view = memoryview(data)
+    for start in range(0, len(view), 1 << 20):
+        piece = view[start : start + (1 << 20)]
+        if not _ZEROS.startswith(piece) or not punch_hole(fd, offset + start, len(piece)):
+            pwrite_all(fd, piece, offset + start)
+
+
+_libc: Any = None
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """fallocate(PUNCH_HOLE | KEEP_SIZE); False where the system or filesystem cannot."""
+    global _libc
+    if not sys.platform.startswith("linux"):
+        return False
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    return _libc.fallocate(fd, 0x02 | 0x01, offset, length) == 0
 
 
 def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:

@@ -18,6 +18,7 @@ import click
 from builder import __version__
 from builder.cli_boot import register as register_boot_commands
 from builder.cli_card import register as register_card_commands
+from builder.cli_push import register as register_push_commands
 from builder.errors import AirboxError, RecipeError
 
 log = logging.getLogger("airbox-build")
@@ -633,6 +634,7 @@ def cache_prune_cmd(ctx: click.Context, cache_dir: Path | None, older_than: str 
 
 
 register_card_commands(main, guarded, _reporter)
+register_push_commands(main, guarded, _reporter)
 register_boot_commands(main, guarded, _reporter, fetch_options, make_fetch_options)
 
 

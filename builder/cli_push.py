@@ -52,6 +52,12 @@ def register(
         type=click.Path(path_type=Path, dir_okay=False, exists=True),
         help="Check host keys against this file (default: the fleet's known_hosts, else yours).",
     )
+    @click.option(
+        "-i",
+        "--identity",
+        type=click.Path(path_type=Path, dir_okay=False, exists=True),
+        help="The SSH private key to log in with (as ssh -i).",
+    )
     @click.pass_context
     @guarded
     def push(
@@ -67,6 +73,7 @@ def register(
         margin: str,
         force: bool,
         known_hosts: Path | None,
+        identity: Path | None,
     ) -> None:
         """Update boxes in the field over SSH, the vendor's way (local_update.sh), safely.
 
@@ -113,6 +120,7 @@ def register(
             opts,
             workers=jobs,
             json_mode=reporter.json_mode,
+            identity=identity,
             loaded=lambda b: reporter.info(
                 f"{b.card}: verified (bundle {(b.bundle_id or 'without id')[:12]})"
             ),

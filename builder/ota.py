@@ -54,8 +54,10 @@ def _value(word: str, load_partition: str) -> str:
 
 def _test(words: tuple[str, ...], load_partition: str) -> bool | None:
     """Evaluate `test ...` as U-Boot does for the forms the vendor uses; None: not about us."""
-    if not words or words[0] != "test" or not any(VAR in w for w in words):
+    if not any(VAR in w for w in words):
         return None
+    if words[0] != "test":
+        raise _Unreadable(" ".join(words))
     # U-Boot expands an empty variable to nothing: `test -n $x` is `test -n`, which is false
     args = [a for a in (_value(w, load_partition) for w in words[1:]) if a != ""]
     if len(args) == 1 and args[0] in ("-n", "-z"):
@@ -90,7 +92,7 @@ def exits_early(script: ParsedScript, load_partition: str) -> bool:
                     continue
                 if expect_cond:
                     expect_cond = False
-                    result = _test(tuple(words), load_partition)
+                    result = _test(tuple(words), load_partition) if active else False  # not run
                     stack.append(bool(result) and active)
                     continue
                 if head == "then":

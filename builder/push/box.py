@@ -43,7 +43,9 @@ sys=/sys/class/block/$part
 [ -r "$sys/partition" ] || { echo "@error no $sys/partition"; exit 0; }
 echo "@number $(cat "$sys/partition")"
 disk=$(basename "$(dirname "$(cd "$sys" && pwd -P)")")
-[ -e "/dev/$disk" ] || disk=$(echo "$part" | sed -e 's/p[0-9]*$//' -e 's/[0-9]*$//')
+if [ ! -e "/dev/$disk" ]; then
+  case $part in *[0-9]p[0-9]*) disk=${part%p*} ;; *) disk=$(echo "$part" | sed 's/[0-9]*$//') ;; esac
+fi
 echo "@disk $disk"
 if [ -r "/dev/$disk" ]; then rd=""; elif [ "$(id -u)" != 0 ]; then rd="sudo -n"; else rd=""; fi
 $rd dd if="/dev/$disk" bs=512 count=34 2>/dev/null | od -An -v -tx1 | tr -d ' \n' | sed 's/^/@gpt /'

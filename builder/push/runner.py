@@ -49,6 +49,7 @@ class Board:
         self._lock = threading.Lock()
         self._drawn = 0
         self._last_line: dict[str, str] = {}
+        self._last_emit: dict[str, float] = {}
 
     def update(self, box: str, state: str, **details: Any) -> None:
         with self._lock:
@@ -57,6 +58,10 @@ class Board:
             row.sent = int(details.get("sent", row.sent if state == "sending" else 0))
             row.total = int(details.get("total", row.total if state == "sending" else 0))
             row.message = str(details.get("message", details.get("detail", "")) or "")
+            now = time.monotonic()
+            if state == "sending" and row.sent < row.total and now - self._last_emit.get(box, 0.0) < 1.0:
+                return  # progress: at most one event (or redraw) a second per box
+            self._last_emit[box] = now
             if self.json_mode:
                 event = {"event": "push", "box": box, "state": state, **details}
                 self.out.write(json.dumps(event, sort_keys=True, default=str) + "\n")
@@ -101,6 +106,7 @@ def push_all(
     json_mode: bool,
     out: TextIO = sys.stdout,
     loaded: Callable[[LocalBundle], None] | None = None,
+    identity: Path | None = None,
 ) -> list[Result]:
     """Verify each distinct bundle once (before any box is touched), then update the boxes."""
     bundles: dict[Path, LocalBundle] = {}
@@ -118,7 +124,7 @@ def push_all(
     def one(job: Job) -> None:
         box = job.target.label
         bundle = bundles[job.bundle]
-        ssh = Ssh(job.target, bundle.known_hosts)
+        ssh = Ssh(job.target, bundle.known_hosts, identity=identity)
         try:
             outcome = update_box(bundle, ssh, opts, lambda state, **d: board.update(box, state, **d))
             results[box] = Result(

@@ -56,9 +56,17 @@ def parse_target(text: str, name: str | None = None) -> Target:
 class Ssh:
     """One box: a multiplexed connection (ControlMaster) for the work, fresh ones for polling."""
 
-    def __init__(self, target: Target, known_hosts: Path | None, *, connect_timeout: int = 10) -> None:
+    def __init__(
+        self,
+        target: Target,
+        known_hosts: Path | None,
+        *,
+        identity: Path | None = None,
+        connect_timeout: int = 10,
+    ) -> None:
         self.target = target
         self.known_hosts = known_hosts
+        self.identity = identity
         self.connect_timeout = connect_timeout
         self._dir = tempfile.TemporaryDirectory(prefix="airbox-ssh-")
         self._control = Path(self._dir.name) / "c"
@@ -86,6 +94,8 @@ class Ssh:
             ]
         else:
             args += ["-o", "ControlPath=none"]
+        if self.identity is not None:
+            args += ["-i", str(self.identity), "-o", "IdentitiesOnly=yes"]
         if t.port:
             args += ["-p", str(t.port)]
         if t.user:
@@ -119,8 +129,8 @@ class Ssh:
         """Stream the rest of `local` (from its position) onto the end of `remote_path`;
         `progress` gets the bytes sent so far."""
         cmd = [*self.base_args(), f"cat >> {shlex.quote(remote_path)}"]
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        assert proc.stdin is not None
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        assert proc.stdin is not None and proc.stderr is not None
         sent = 0
         try:
             while block := local.read(1 << 20):
@@ -130,8 +140,9 @@ class Ssh:
             proc.stdin.close()
         except BrokenPipeError:
             pass
-        out, err = proc.communicate()
-        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+        err = proc.stderr.read()
+        proc.wait()
+        return subprocess.CompletedProcess(cmd, proc.returncode, b"", err)
 
     def close(self) -> None:
         if self._control.exists():

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.errors import AirboxError
+from builder.events import checkpoint
 from builder.manifest import MD5_NAME
 from builder.ota import OtaPlan, ota_plan, update_files
 from builder.package.source import open_package
@@ -104,8 +105,9 @@ def update_box(bundle: LocalBundle, ssh: Ssh, opts: PushOptions, status: Status)
     if bad:  # a file the box had that is not what its md5.txt claimed: send it once more
         again = [f for f in files if f.name in bad]
         run_checked(ssh, _rm_script(again), opts.folder, what="removing damaged files")
+        _prepare(ssh, opts.folder, [])
         sent += _send(ssh, opts.folder, again, None, lambda n: status("sending", sent=n, total=total))
-        _install(ssh, opts.folder, [f.name for f in again])
+        _install(ssh, opts.folder, [f.name for f in files])
         bad = _md5_check(ssh, opts.folder)
         if bad:
             raise BoxError(
@@ -181,8 +183,9 @@ def _send(
     ssh: Ssh, folder: str, sends: list[_File], facts: BoxFacts | None, progress: Callable[[int], None]
 ) -> int:
     """Append what each file lacks to its .partial copy (a killed transfer resumes from there),
-    then check the copy's md5 on the box."""
+    then check the copy's md5 on the box. Returns the bytes that went over the wire."""
     done = 0
+    transferred = 0
     for f in sends:
         remote = f"{folder}/{PARTIAL}/{f.name}"
         have = facts.files.get(f"{PARTIAL}/{f.name}", 0) if facts is not None else 0
@@ -201,6 +204,8 @@ def _send(
             err = proc.stderr.decode(errors="replace").strip()
             raise BoxError(f"box {ssh.target.label}: writing {remote} failed: {err or proc.returncode}")
         done += f.size - have
+        transferred += f.size - have
+        checkpoint(f"push:sent:{sends.index(f) + 1}")  # test hook: a transfer killed here resumes
     if sends:
         names = " ".join(shlex.quote(f.name) for f in sends)
         out = run_checked(
@@ -218,7 +223,7 @@ def _send(
                 f"box {ssh.target.label}: md5 mismatch after the transfer of {', '.join(wrong[:5])}",
                 hint="run push again: the damaged files are sent anew (a flaky link or a failing disk)",
             )
-    return done
+    return transferred
 
 
 def _open(f: _File):  # type: ignore[no-untyped-def]

@@ -48,6 +48,12 @@ def register(
     )
     @click.option("--force", is_flag=True, help="Also update a box that already runs the bundle.")
     @click.option(
+        "--trust-new-host-key",
+        is_flag=True,
+        help="A box that comes back with new host keys (identity: regenerate): accept them once to "
+        "confirm the bundle, and print them (they are not added to any known_hosts file).",
+    )
+    @click.option(
         "--known-hosts",
         type=click.Path(path_type=Path, dir_okay=False, exists=True),
         help="Check host keys against this file (default: the fleet's known_hosts, else yours).",
@@ -72,6 +78,7 @@ def register(
         timeout: float,
         margin: str,
         force: bool,
+        trust_new_host_key: bool,
         known_hosts: Path | None,
         identity: Path | None,
     ) -> None:
@@ -113,6 +120,7 @@ def register(
             timeout=timeout,
             arm=arm,
             force=force,
+            trust_new_key=trust_new_host_key,
         )
         results = push_all(
             job_list,

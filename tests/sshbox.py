@@ -109,6 +109,7 @@ class SshBox:
     identity: Path  # the client's private key
     proc: subprocess.Popen[bytes]
     log: Path
+    config: Path
 
     @property
     def address(self) -> str:
@@ -126,6 +127,15 @@ class SshBox:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+    def new_host_key(self) -> None:
+        """The box's sshd restarted with a key made anew (a reflash with `regenerate`)."""
+        self.stop()
+        key = self.config.parent / "host_ed25519"
+        key.unlink()
+        Path(f"{key}.pub").unlink()
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+        self.proc = _start_sshd(self.config, self.log, self.port)
 
     def calls(self) -> list[str]:
         path = self.root / "var" / "log" / "local_update.calls"
@@ -206,21 +216,25 @@ def make_box(work: Path, gpt: bytes, *, data_partition: int = 7, client_key: Pat
     )
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation dir (its package's)
     log = keys / "sshd.log"
-    with open(log, "wb") as err:  # sshd keeps its own copy of the descriptor
+    return SshBox(root, port, known, identity, _start_sshd(config, log, port), log, config)
+
+
+def _start_sshd(config: Path, log: Path, port: int) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as err:  # sshd keeps its own copy of the descriptor
         proc = subprocess.Popen(
             ["/usr/sbin/sshd", "-D", "-e", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=err
         )
-    box = SshBox(root, port, known, identity, proc, log)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return box
+                return proc
         except OSError:
             if proc.poll() is not None:
                 break
             time.sleep(0.1)
-    box.stop()
+    proc.kill()
+    proc.wait()
     raise RuntimeError(f"sshd did not start: {log.read_text()}")
 
 

@@ -9,6 +9,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -244,3 +246,38 @@ def test_a_fleet_of_three_with_one_failing_box(
         assert json.loads(b.running() or "{}")["bundle"] == res.report["bundle_id"]["bundle"]
     assert bad.calls() == [] and not bad.ota.exists()
     assert "1 of 3 box(es) failed" in run.stdout + run.stderr
+
+
+def test_a_box_back_with_new_host_keys_is_refused_unless_trusted_once(
+    package: vf.MiniPackage, boxes: list[sshbox.SshBox], tmp_path: Path
+) -> None:
+    """identity: regenerate gives the box new keys at its first boot after the update."""
+    res = _build(package, tmp_path, "field-1")
+    for trust, box in (
+        (False, _box(boxes, tmp_path, package.gpt_bytes)),
+        (True, _box(boxes, tmp_path, package.gpt_bytes)),
+    ):
+        _expect_next(box, res)
+        done = threading.Event()
+
+        def reflash(box: sshbox.SshBox = box, done: threading.Event = done) -> None:
+            while not (box.root / "var/lib/boots").exists():
+                time.sleep(0.05)
+            box.new_host_key()
+            done.set()
+
+        watcher = threading.Thread(target=reflash, daemon=True)
+        watcher.start()
+        run = _push(res, box.address, box=box, args=("--yes", *(("--trust-new-host-key",) if trust else ())))
+        watcher.join(timeout=30)
+        assert done.is_set()
+        result = _result(run.stdout)["boxes"][0]  # type: ignore[index]
+        if not trust:
+            assert run.returncode == 1 and result["state"] == "failed"
+            assert "host key" in result["message"] and "--trust-new-host-key" in result["hint"]
+        else:
+            assert run.returncode == 0, run.stdout + run.stderr
+            assert result["state"] == "done" and "new host key" in result["message"]
+            new_pub = (box.config.parent / "host_ed25519.pub").read_text().split()[1]
+            assert new_pub in result["message"]
+        assert box.known_hosts.read_text().count("ssh-ed25519") == 1  # no known_hosts file touched

@@ -70,18 +70,33 @@ class Ssh:
         self.connect_timeout = connect_timeout
         self._dir = tempfile.TemporaryDirectory(prefix="airbox-ssh-")
         self._control = Path(self._dir.name) / "c"
+        self.new_keys: Path | None = None  # after a reflash with new host keys, if trusted: see trust_new_key
+
+    def trust_new_key(self) -> None:
+        """From now on, accept the key the box offers *once*, recorded in a file of our own (never
+        the user's known_hosts), and check it strictly after that: for confirming the bundle id of a
+        box whose update gave it new host keys (identity.ssh_host_keys: regenerate)."""
+        self.new_keys = Path(self._dir.name) / "new_known_hosts"
+        self.new_keys.touch()
+
+    def new_key_lines(self) -> list[str]:
+        if self.new_keys is None or not self.new_keys.is_file():
+            return []
+        return [ln for ln in self.new_keys.read_text().splitlines() if ln.strip()]
 
     def base_args(self, *, multiplex: bool = True) -> list[str]:
         t = self.target
         args = [
             "ssh",
             *("-o", "BatchMode=yes"),
-            *("-o", "StrictHostKeyChecking=yes"),
+            *("-o", f"StrictHostKeyChecking={'accept-new' if self.new_keys else 'yes'}"),
             *("-o", f"ConnectTimeout={self.connect_timeout}"),
             *("-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"),
             *("-o", "LogLevel=ERROR"),
         ]
-        if self.known_hosts is not None:
+        if self.new_keys is not None:
+            args += ["-o", f"UserKnownHostsFile={self.new_keys}", "-o", "GlobalKnownHostsFile=/dev/null"]
+        elif self.known_hosts is not None:
             args += ["-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "GlobalKnownHostsFile=/dev/null"]
         if multiplex:
             args += [

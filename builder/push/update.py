@@ -37,6 +37,7 @@ class PushOptions:
     timeout: float = 1800.0  # for the box to come back after arming the update
     arm: bool = True  # False: stage and verify only
     force: bool = False  # also a box that already runs the bundle
+    trust_new_key: bool = False  # a box back with new host keys: accept them once to confirm the bundle
     poll: float = 3.0
 
 
@@ -46,6 +47,7 @@ class Outcome:
     message: str
     sent: int = 0
     reused: int = 0
+    new_host_keys: tuple[str, ...] = ()  # known_hosts lines, when the box came back with new keys
 
 
 @dataclass(frozen=True)
@@ -318,8 +320,16 @@ def _wait_back(
         )
         if proc.returncode == SSH_FAILED:
             err = explain_ssh_failure(ssh.target, proc.stderr, ssh.known_hosts)
+            if "host key" in err.message and opts.trust_new_key and ssh.new_keys is None:
+                ssh.trust_new_key()
+                continue
             if "host key" in err.message:
-                raise err
+                raise BoxError(
+                    err.message + " after the update",
+                    hint="a bundle with identity.ssh_host_keys: regenerate gives the box new keys at its "
+                    "first boot: check the new key on its console, or push with --trust-new-host-key to "
+                    "accept it once (it is printed); fleets updated in the field want per-device keys",
+                )
             went_down = True
             last = err.message
         elif proc.returncode == 0:
@@ -331,14 +341,11 @@ def _wait_back(
                 running = str(doc["bundle"]) if doc else None
                 if bundle.bundle_id is None or running == bundle.bundle_id:
                     status("back", bundle=running)
-                    return Outcome(
-                        "done",
-                        f"back on bundle {running[:12]}"
-                        if running
-                        else "back (the bundle has no id to confirm)",
-                        staged.sent,
-                        staged.reused,
-                    )
+                    message = f"back on bundle {running[:12]}" if running else "back (the bundle has no id)"
+                    new_keys = ssh.new_key_lines()
+                    if new_keys:
+                        message += f"; its new host key(s), accepted once: {'; '.join(new_keys)}"
+                    return Outcome("done", message, staged.sent, staged.reused, tuple(new_keys))
                 raise BoxError(
                     f"box {ssh.target.label}: came back, but runs bundle {running or 'unknown'}, not "
                     f"{bundle.bundle_id}: the update did not apply",

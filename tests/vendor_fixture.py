@@ -762,6 +762,10 @@ class PackageOptions:
     prebuilt_images: Mapping[str, Path] = field(default_factory=dict)
     # host keys and a machine-id in ROOTFS, and a factory boot's copies in ROOTFS_RW's upper layer
     vendor_identity: bool = False
+    # ext4 made with the usage type mke2fs picks from the partition's size, as the vendor's plain
+    # `mkfs.ext4` does: under 512 MiB "small" (1 KiB blocks, 128-byte inodes in 1.45), under 3 MiB
+    # "floppy". Off: every image "default" (4 KiB blocks), which the miniature's sizes would not get.
+    size_types: bool = False
 
 
 # ----------------------------------------------------------------------------- results
@@ -903,6 +907,16 @@ MKE2FS_CONF = """\
 \t\tfeatures = has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize
 \t\tinode_size = 256
 \t}
+\tsmall = {
+\t\tblocksize = 1024
+\t\tinode_size = 128
+\t\tinode_ratio = 4096
+\t}
+\tfloppy = {
+\t\tblocksize = 1024
+\t\tinode_size = 128
+\t\tinode_ratio = 8192
+\t}
 """
 
 
@@ -949,6 +963,11 @@ def _debugfs_script(tree: Tree, epoch: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _usage_type(size_bytes: int) -> str:
+    """What mke2fs picks without -T (misc/mke2fs.c: under 3 MiB floppy, under 512 MiB small)."""
+    return "floppy" if size_bytes < 3 << 20 else "small" if size_bytes < 512 << 20 else "default"
+
+
 def make_ext4(
     image: Path,
     size_bytes: int,
@@ -975,7 +994,7 @@ def make_ext4(
             "-t",
             "ext4",
             "-T",
-            "default",
+            _usage_type(size_bytes) if opts.size_types else "default",
             "-U",
             str(fs_uuid),
             "-E",

@@ -113,7 +113,7 @@ def build(
         work.mkdir()
         with reporter.step("fetch", input=recipe.base.display):
             base = fetch(recipe.base, opts.fetch)
-        with open_package(base.path, work / "source") as package:
+        with open_package(base.path, work / "source", member=recipe.base.member) as package:
             files = LinkingSource(package) if base_bundle is not None else package
             with reporter.step("read package", form=files.form):
                 plan = read_flash_plan(files)

@@ -24,6 +24,7 @@ class InputSpec:
     size: int | None = None
     where: str = ""
     name: str = field(default="", compare=False)  # a human label, e.g. "base" or "files[2]"
+    member: str | None = None  # base only: the package inside an SDK release archive (its path there)
 
     @property
     def display(self) -> str:

@@ -919,7 +919,7 @@ class _RecipeParser:
     def parse(self, file: Path, root: Node, parents: tuple[Path, ...]) -> Recipe:
         top = fields(root, (), (*_TOP_KEYS,), required=("name", "base"))
         name = self.name(top["name"])
-        base_fields = fields(top["base"], ("base",), _INPUT_KEYS)
+        base_fields = fields(top["base"], ("base",), (*_INPUT_KEYS, "member"))
         base = input_spec(
             top["base"],
             ("base",),
@@ -928,6 +928,16 @@ class _RecipeParser:
             check=self.check,
             schemes=("http", "https", "file"),
         )
+        if "member" in base_fields:
+            inside = expect_str(base_fields["member"], ("base", "member"))
+            if inside.startswith("/") or ".." in inside.split("/"):
+                raise err(
+                    base_fields["member"],
+                    ("base", "member"),
+                    f"{inside!r} is not a path inside the archive",
+                    "write it relative to the archive's top, e.g. sophon-img/sdcard.tgz",
+                )
+            base = replace(base, member=inside)
         files = self.files(top["files"]) if "files" in top else ()
         removals = self.remove(top["remove"]) if "remove" in top else ()
         return Recipe(

@@ -47,6 +47,7 @@ from typing import BinaryIO
 from builder.errors import PackageError, ToolError
 from builder.fs.fat import READ_TOOLS as FAT_READ_TOOLS
 from builder.fs.fat import FatEntry, FatImage, parse_boot_sector, probe_filesystem
+from builder.package import release
 from builder.run import require_tools
 
 log = logging.getLogger("airbox-build")
@@ -114,24 +115,36 @@ def _is_data_error(exc: BaseException) -> bool:
 # The public API
 
 
-def open_package(path: Path, workdir: Path) -> PackageSource:
-    """Open the vendor package at `path` in whatever form it comes; `workdir` holds scratch files."""
+def open_package(path: Path, workdir: Path, member: str | None = None) -> PackageSource:
+    """Open the vendor package at `path` in whatever form it comes; `workdir` holds scratch files.
+
+    An archive that holds no file set of its own is an SDK release: the package inside it is
+    found by content (builder.package.release); `member` (the recipe's `base.member`) names one
+    when there are several, or the folder of the file set inside a folder or archive.
+    """
     path = Path(path)
     if not path.exists():
         raise PackageError("the vendor package does not exist", where=str(path), hint=_SET_HINT)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if path.is_dir():
+        if member is not None:
+            inner = path / member.strip("/")
+            if not inner.exists():
+                raise PackageError(
+                    f"base.member {member!r} is not in the folder",
+                    where=str(path),
+                    hint="give a path inside it",
+                )
+            return open_package(inner, workdir)
         return _open_dir(path, workdir)
     kind = _sniff(path)
     if kind.startswith("img"):
         require_tools(*FAT_READ_TOOLS)  # before a long decompression, not after
-    if kind == "tar":
-        return _open_tar(path, None, workdir)
-    if kind.startswith("tar."):
-        return _open_tar(path, kind[4:], workdir)
+    if kind == "tar" or kind.startswith("tar."):
+        return _open_tar_release(path, None if kind == "tar" else kind[4:], workdir, member)
     if kind == "zip":
-        return _open_zip(path, workdir)
+        return _open_zip(path, workdir, member)
     if kind == "img":
         return _open_image(path, 0, path.stat().st_size, "img", path, _cache_dir(workdir, path))
     comp = kind[4:]  # img.gz, img.xz, img.bz2
@@ -413,6 +426,15 @@ def _looks_like_tar(head: bytes) -> bool:
     return stored == sum(head[:148]) + 8 * 32 + sum(head[156:512]) and head[0] != 0
 
 
+def _looks_like_card(head: bytes) -> bool:
+    """A whole-card image with a partition table (a member of a release; a bare FAT volume there
+    is a partition image of something else)."""
+    if any(head[ss : ss + 8] == b"EFI PART" for ss in (512, 4096)):
+        return True
+    mbr = head[:512]
+    return head[510:512] == b"\x55\xaa" and parse_boot_sector(mbr) is None and bool(_mbr_entries(mbr))
+
+
 def _looks_like_disk(head: bytes) -> bool:
     if any(head[ss : ss + 8] == b"EFI PART" for ss in (512, 4096)):
         return True
@@ -528,6 +550,42 @@ def _dir_sizes(set_dir: Path, where: str) -> dict[str, int]:
 # Tarball: one streaming pass extracts everything into the work dir
 
 
+def _open_tar_release(path: Path, comp: str | None, workdir: Path, member: str | None) -> PackageSource:
+    """A tarball: the package itself (extracted whole, as before), or a release holding it."""
+    cache = _cache_dir(workdir, path)
+    if member is None and (cache / "tree").is_dir():
+        return _open_tar(path, comp, workdir)  # extracted by an earlier build
+    index = release.load_index(cache)
+    if index is None:
+        log.info("reading the listing of %s (one streaming pass)", path)
+        try:
+            with _open_decompressed(path, comp) as raw:
+                nested, names = release.scan_tar(raw, _looks_like_tar, _looks_like_card, cache)
+        except Exception as exc:
+            if _is_data_error(exc):
+                raise _damaged("tarball", str(path), exc) from exc
+            raise
+        direct = release.names_hold_file_set([n for n in names if not is_os_junk(n)])
+        release.save_index(cache, nested, direct)
+        index = (nested, direct)
+    nested, direct = index
+    folder = member.strip("/") if member is not None else None
+    if direct and (folder is None or not any(c.name.strip("/") == folder for c in nested)):
+        source = _open_tar(path, comp, workdir)
+        if folder is None:
+            return source
+        top = cache / "tree" / folder
+        if not top.is_dir():
+            raise PackageError(f"base.member {member!r} is not in the tarball", where=str(path),
+                               hint=f"its file set is in {source.location or 'the top folder'}")
+        set_rel = find_file_set(_walk_files(top), f"{path}: {folder}")
+        where = "/".join(p for p in (folder, set_rel) if p)
+        return DirSource("tar", path, f"folder {where}/", top / set_rel, cache)
+    chosen = release.choose(nested, folder, str(path))
+    log.info("the vendor package is %s inside %s", chosen.name, path)
+    return open_package(release.member_path(cache, chosen.name), workdir)
+
+
 def _open_tar(path: Path, comp: str | None, workdir: Path) -> PackageSource:
     cache = _cache_dir(workdir, path)
     tree = cache / "tree"
@@ -616,7 +674,7 @@ def _tar_kind(member: tarfile.TarInfo) -> str:
 # Zip: a file set, or a card image inside
 
 
-def _open_zip(path: Path, workdir: Path) -> PackageSource:
+def _open_zip(path: Path, workdir: Path, member: str | None = None) -> PackageSource:
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -624,13 +682,13 @@ def _open_zip(path: Path, workdir: Path) -> PackageSource:
             raise
         raise _damaged("zip archive", str(path), exc) from exc
     try:
-        return _zip_source(path, zf, workdir)
+        return _zip_source(path, zf, workdir, member)
     except BaseException:
         zf.close()
         raise
 
 
-def _zip_source(path: Path, zf: zipfile.ZipFile, workdir: Path) -> PackageSource:
+def _zip_source(path: Path, zf: zipfile.ZipFile, workdir: Path, member: str | None = None) -> PackageSource:
     members: dict[str, zipfile.ZipInfo] = {}
     for info in zf.infolist():
         name = _safe_member_name(info.filename, str(path))
@@ -640,12 +698,28 @@ def _zip_source(path: Path, zf: zipfile.ZipFile, workdir: Path) -> PackageSource
             raise PackageError(f"the zip holds {name!r} twice", where=str(path),
                                hint="repack it with each file once")
         members[name] = info
-    if any(PurePosixPath(n).name in MARKERS for n in members):
+    folder = member.strip("/") if member is not None else None
+    if folder is not None and any(n.startswith(f"{folder}/") for n in members):
+        members = {n[len(folder) + 1 :]: i for n, i in members.items() if n.startswith(f"{folder}/")}
+        folder = None  # the member is a folder of the zip: its file set, as for a zip of its own
+    if folder is None and any(PurePosixPath(n).name in MARKERS for n in members):
         set_rel = find_file_set(members, str(path))
         prefix = f"{set_rel}/" if set_rel else ""
         in_set = {n[len(prefix):]: i for n, i in members.items() if n.startswith(prefix)}
         location = f"folder {set_rel}/" if set_rel else ""
+        if member is not None:
+            location = f"folder {'/'.join(p for p in (member.strip('/'), set_rel) if p)}/"
         return ZipSource(path, zf, in_set, location, _cache_dir(workdir, path))
+    nested = release.scan_zip(path, _looks_like_tar, _looks_like_card)
+    if any(c.kind != "img" for c in nested) or folder is not None:
+        chosen = release.choose(nested, folder, str(path))
+        if chosen.kind != "img":
+            zf.close()
+            cache = _cache_dir(workdir, path)
+            inner = release.copy_zip_member(path, chosen.name, release.member_path(cache, chosen.name))
+            log.info("the vendor package is %s inside %s", chosen.name, path)
+            return open_package(inner, workdir)
+        members = {chosen.name: zf.getinfo(chosen.name)}
     images = [i for n, i in members.items() if _zip_member_is_disk(zf, i, path)]
     if len(images) > 1:
         raise PackageError(

@@ -17,6 +17,7 @@ from test_customise import cat, simulate, stat
 
 # the miniature layout with an OPT of 256 MiB (and a disk to hold it)
 LAYOUT = tuple(replace(p, size_kb=256 * 1024) if p.label == "OPT" else p for p in vf.MINI_LAYOUT)
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB ops@x"
 BIG = random.Random("small-blocks").randbytes(3 << 20)  # grows the image: more block groups
 
 
@@ -48,7 +49,7 @@ def test_customising_1k_block_images_stays_clean(small_package: vf.MiniPackage, 
             {"path": "/data/airbox/note.txt", "content": "on DATA\n", "mode": "0600"},
             {"path": "/etc/airbox/deep/er/file.txt", "content": "x" * 5000},
         ],
-        users={"ops": {"create": True, "ssh_authorized_keys": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB ops@x"]}},
+        users={"ops": {"create": True, "ssh_authorized_keys": [KEY]}},
         remove=["/etc/motd"],
     )
     res = run_build(recipe, tmp_path / "out", tmp_path / "cache")

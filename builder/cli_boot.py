@@ -55,6 +55,12 @@ def register(
         help="The vendor package the bundle was built from (default: from build-report.json).",
     )
     @click.option(
+        "--update-from",
+        type=click.Path(path_type=Path, exists=True),
+        help="Install this package (or bundle) first, then update the box to BUNDLE from its own eMMC, "
+        "as `push` does; boot what the update leaves.",
+    )
+    @click.option(
         "--kernel",
         type=click.Path(path_type=Path, exists=True, dir_okay=False),
         help="Boot this arm64 kernel (with --initrd) instead of Debian's linux-image-arm64.",
@@ -92,6 +98,7 @@ def register(
         identities: tuple[Path, ...],
         recipe: Path | None,
         baseline: Path | None,
+        update_from: Path | None,
         kernel: Path | None,
         initrd: Path | None,
         keyring: Path | None,
@@ -161,6 +168,7 @@ def register(
             recipe=recipe,
             baseline=baseline,
             kernel=given,
+            update_from=update_from,
         )
         with reporter.step("boot"):
             result = run_boot(path, opts, fopts, info=reporter.info, on_row=on_row, kernel_files=kernel_files)
@@ -255,7 +263,5 @@ def _record_host_keys(vm: Any, known_hosts: Path) -> None:
     keys = ag.run("cat /etc/ssh/ssh_host_*_key.pub").out
     ag.close()
     known_hosts.write_text(
-        "".join(
-            f"{HOST_ALIAS} {' '.join(k.split()[:2])}\n" for k in keys.splitlines() if k.strip()
-        )
+        "".join(f"{HOST_ALIAS} {' '.join(k.split()[:2])}\n" for k in keys.splitlines() if k.strip())
     )

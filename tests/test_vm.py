@@ -387,3 +387,28 @@ def test_stop_and_ssh_without_vm(vm_package: Path, vm_cache: Path, tmp_path: Pat
     p = cli("boot", out, "--stop")
     assert p.returncode == 0 and "no VM" in p.stdout
     shutil.rmtree(out)
+
+
+def test_an_update_in_the_field_boots_and_names_the_new_bundle(
+    vm_package: Path, vm_cache: Path, tmp_path: Path, booted: list[Path]
+) -> None:
+    """The box runs the vendor package, gets the bundle by an update from its own eMMC (placed on
+    DATA as push places it, played as U-Boot plays it), and boots onto it."""
+    recipe = write_recipe(
+        tmp_path / "r",
+        vm_package,
+        name="vmupdate",
+        hostname="airbox-updated",
+        files=[{"path": "/etc/airbox/updated.txt", "content": "by an update\n"}],
+    )
+    out = _build(recipe, tmp_path / "out", vm_cache)
+    booted.append(out)
+    bundle_id = json.loads((out / "build-report.json").read_text())["bundle_id"]["bundle"]
+    p, rows = _boot_check(out, vm_cache, "--update-from", vm_package)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "updated to the bundle from p7" in p.stdout + p.stderr
+    row = _row(rows, "bundle id")
+    assert row["status"] == "ok" and row["detail"].startswith(bundle_id[:12]), row
+    assert _row(rows, "hostname")["status"] == "ok"
+    assert _row(rows, "mount /data")["status"] == "ok"
+    assert _row(rows, "files as built")["status"] == "ok"

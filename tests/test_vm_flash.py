@@ -69,3 +69,33 @@ def test_the_box_state_is_an_overlay_of_the_pristine_flash(bundle: Path, tmp_pat
     assert (b.state / "known_hosts").exists()
     assert machine.prepare_disk(b.state, fl, fresh=True)[1]  # --fresh: a new box, keys recorded anew
     assert not (b.state / "known_hosts").exists()
+
+
+def test_update_from_a_package_leaves_the_bundle_on_data_and_its_root_as_built(
+    vendor_package_session: vf.MiniPackage, bundle: Path, tmp_path: Path
+) -> None:
+    """`boot --update-from`: the vendor install, the bundle placed on DATA as push places it, the
+    update played from there; ROOTFS/ROOTFS_RW are the bundle's, DATA keeps the bundle."""
+    from builder.vm.update import flash_update
+
+    b = machine.locate(bundle, state=tmp_path / "state")
+    fl = flash_update(b, vendor_package_session.dir)
+    assert not fl.reused and (fl.ro_part, fl.rw_part) == (4, 5)
+    fresh = tmp_path / "fresh.img"
+    assert cli("verify", bundle, "--simulate", fresh).returncode == 0
+    parts = {p.label: p for p in vendor_package_session.partitions}
+    with open(fl.image, "rb") as got, open(fresh, "rb") as want:
+        for label in ("ROOTFS", "ROOTFS_RW", "OPT"):
+            p = parts[label]
+            got.seek(p.offset_sectors * 512)
+            want.seek(p.offset_sectors * 512)
+            assert got.read(p.size_sectors * 512) == want.read(p.size_sectors * 512), label
+    data = parts["DATA"]
+    cut = tmp_path / "data.img"
+    with open(fl.image, "rb") as src:
+        src.seek(data.offset_sectors * 512)
+        cut.write_bytes(src.read(data.size_sectors * 512))
+    listing = subprocess.run(["debugfs", "-R", "ls -l /ota", str(cut)], capture_output=True, text=True).stdout
+    assert "boot_emmc.scr" in listing and "md5.txt" in listing
+    assert subprocess.run(["e2fsck", "-fn", str(cut)], capture_output=True).returncode == 0
+    assert flash_update(b, vendor_package_session.dir).reused

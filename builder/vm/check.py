@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from builder.customise.bundleid import BUNDLE_ID_PATH
+from builder.customise.bundleid import parse as parse_bundle_id
 from builder.recipe_system import VENDOR_PASSWORDS
 from builder.vm.agent import UNIT_NAME, Agent
 
@@ -61,6 +63,7 @@ class Expect:
     timezone: str | None = None
     locale: str | None = None
     ntp: tuple[str, ...] = ()
+    bundle_id: str | None = None  # what /etc/airbox-build.json must name (the build report's)
 
 
 def expectations(recipe: Any, report: Mapping[str, Any], host_keys: Sequence[str] = ()) -> Expect:
@@ -93,6 +96,8 @@ def expectations(recipe: Any, report: Mapping[str, Any], host_keys: Sequence[str
                     e.password_auth = m[1].lower() == "yes"
         e.units = tuple(recipe.services.enable)
         e.disabled = tuple(recipe.services.disable)
+    bid = report.get("bundle_id")
+    e.bundle_id = str(bid["bundle"]) if isinstance(bid, dict) and bid.get("bundle") else None
     apps = report.get("apps", [])
     e.units += tuple(a["unit"] for a in apps if a.get("unit") and a["unit"] not in e.units)
     e.ports = {a["name"]: a["port"] for a in apps if a.get("port")}
@@ -201,6 +206,7 @@ class Checker:
     def first_boot(self) -> dict[str, str]:
         self.boot_state("boot 1")
         ident = self.identity()
+        self.bundle_id()
         self.hostname()
         self.mounts()
         self.network()
@@ -334,6 +340,15 @@ class Checker:
             )  # fmt: skip
         finally:
             askpass.unlink(missing_ok=True)
+
+    def bundle_id(self) -> None:
+        if self.e.bundle_id is None:
+            return
+        _, text = self.sh(f"cat {BUNDLE_ID_PATH} 2>/dev/null")
+        doc = parse_bundle_id(text)
+        running = str(doc["bundle"]) if doc else "none"
+        status = OK if running == self.e.bundle_id else FAIL
+        self.row("bundle id", status, f"{running[:12]} in {BUNDLE_ID_PATH} (build: {self.e.bundle_id[:12]})")
 
     def hostname(self) -> None:
         if self.e.hostname is None:

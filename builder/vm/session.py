@@ -32,6 +32,7 @@ class BootOptions:
     recipe: Path | None = None
     baseline: Path | None = None
     kernel: KernelFiles | None = None
+    update_from: Path | None = None  # the box runs this package first, then gets the bundle by an update
 
 
 @dataclass
@@ -170,7 +171,12 @@ def boot(
     kernel = o.kernel or kernel_files()
     result = BootResult(None)
     result.timings["kernel"] = time.monotonic() - t0
-    fl = machine.flash(bundle)
+    if o.update_from is not None:
+        from builder.vm.update import flash_update
+
+        fl = flash_update(bundle, o.update_from, info)
+    else:
+        fl = machine.flash(bundle)
     disk, new = machine.prepare_disk(bundle.state, fl, fresh=o.fresh)
     result.timings["flash"] = time.monotonic() - t0 - result.timings["kernel"]
     info(

@@ -10,7 +10,7 @@ import pytest
 import vendor_fixture as vf
 from buildhelp import cli, run_build, write_recipe
 
-from builder.errors import PackageError
+from builder.errors import AirboxError, PackageError
 from builder.ota import exits_early, ota_plan, update_files
 from builder.package.flashplan import read_flash_plan
 from builder.package.scripts import parse_script
@@ -95,3 +95,41 @@ def test_simulated_update_keeps_gpt_and_holding_partition(
             want = (a if p.label == "DATA" else b).read(size)
             assert got == want, p.label
     assert cli("verify", res.out_dir, "--ota-from", "7").returncode != 0  # needs --simulate
+
+
+def test_push_resolves_fleet_devices_to_their_bundles_addresses_and_keys(tmp_path: Path) -> None:
+    import json
+
+    from builder.push.bundle import resolve_jobs
+    from builder.push.ssh import parse_target
+
+    fleet = tmp_path / "fleet"
+    fleet.mkdir()
+    (fleet / "known_hosts").write_text("airbox-a ssh-ed25519 AAAA\n")
+    (fleet / "fleet.json").write_text(
+        json.dumps(
+            {
+                "devices": {
+                    "site-a": {"bundle": "site-a", "hostname": "airbox-a", "addresses": ["10.0.0.11"]},
+                    "site-b": {"bundle": "site-b", "hostname": "airbox-b", "addresses": []},
+                }
+            }
+        )
+    )
+    jobs, known = resolve_jobs(fleet, [], all_devices=True)
+    assert known == fleet / "known_hosts"
+    assert [(j.target.name, j.target.host, j.bundle.name) for j in jobs] == [
+        ("site-a", "10.0.0.11", "site-a"),
+        ("site-b", "airbox-b", "site-b"),
+    ]
+    (one,) = resolve_jobs(fleet, ["linaro@site-b"], all_devices=False)[0]
+    assert one.target.user == "linaro" and one.target.label == "site-b (linaro@airbox-b)"
+    with pytest.raises(AirboxError, match="not a device of this fleet") as e:
+        resolve_jobs(fleet, ["site-c"], all_devices=False)
+    assert "site-a, site-b" in (e.value.hint or "")
+    with pytest.raises(AirboxError, match="--all needs a fleet output"):
+        resolve_jobs(tmp_path, [], all_devices=True)
+    t = parse_target("root@[::1]:2222")
+    assert (t.user, t.host, t.port) == ("root", "::1", 2222)
+    with pytest.raises(AirboxError, match="not a box address"):
+        parse_target("a b")

@@ -75,7 +75,7 @@ LAYOUT = (
     vf.PartSpec("ROOTFS", 640 * MIB, True, vf.FMT_EXT4),
     vf.PartSpec("ROOTFS_RW", 64 * MIB, False, vf.FMT_EXT4),
     vf.PartSpec("OPT", 16 * MIB, False, vf.FMT_EXT4),
-    vf.PartSpec("DATA", 64 * MIB, False, vf.FMT_EXT4),
+    vf.PartSpec("DATA", 192 * MIB, False, vf.FMT_EXT4),  # room for a bundle pushed to /data/ota
 )
 DISK_KB = 1024 * MIB
 CHUNK_SECTORS = 131072  # 64 MiB

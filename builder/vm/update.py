@@ -22,6 +22,7 @@ from builder.ota import ota_plan, update_files
 from builder.package.flashplan import SECTOR, FlashPlan
 from builder.package.source import open_package
 from builder.push.box import layout_differences
+from builder.units import format_size
 from builder.vm.machine import Bundle, Flash, VMError, _bundle_digest, _pow2, _root_parts
 
 HOLDING_LABEL = "DATA"  # push's default folder /data/ota lies on DATA, mounted at /data
@@ -121,10 +122,18 @@ def _place(
             left -= len(buf)
         dst.truncate(size * SECTOR)
     fs = Ext4Image(cut, epoch=epoch)
-    fs.grow_to(size * SECTOR)
+    info = fs.grow_to(size * SECTOR)
+    names = files.names()  # type: ignore[attr-defined]
+    need = sum(len(changed[n]) if n in changed else files.size(n) for n in names)  # type: ignore[attr-defined]
+    free = info.free_blocks * info.block_size
+    if need + (4 << 20) > free:
+        raise VMError(
+            f"the partition that receives the update has {format_size(free)} free, the bundle needs "
+            f"{format_size(need)} (push would refuse this box too)",
+            hint="a box whose DATA partition can hold the bundle: a bigger partition in the base's layout",
+        )
     staged = work / "bundle"
     staged.mkdir()
-    names = files.names()  # type: ignore[attr-defined]
     with EditBatch(fs, epoch=epoch) as batch:
         batch.mkdir(OTA_FOLDER)
         for name in names:

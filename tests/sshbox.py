@@ -128,9 +128,11 @@ class SshBox:
                 self.proc.kill()
                 self.proc.wait()
 
-    def new_host_key(self) -> None:
-        """The box's sshd restarted with a key made anew (a reflash with `regenerate`)."""
+    def reboot_with_new_host_key(self) -> None:
+        """sshd down, the miniature bootloader's reboot, sshd up with a key made anew: a box whose
+        update regenerated its keys (nothing answers in between, as on a real box)."""
         self.stop()
+        subprocess.run(["chroot", str(self.root), "/bin/sh", "/usr/sbin/reboot"], check=True)
         key = self.config.parent / "host_ed25519"
         key.unlink()
         Path(f"{key}.pub").unlink()

@@ -168,6 +168,7 @@ def test_a_killed_transfer_resumes(
     big = max(res.card.iterdir(), key=lambda p: p.stat().st_size)
     (box.ota / ".partial" / big.name).write_bytes(big.read_bytes()[: big.stat().st_size // 2])
     already = sum(p.stat().st_size for p in (box.ota / ".partial").iterdir())
+    (box.ota / ".partial" / "from-another-bundle.gz").write_bytes(b"left over")  # never installed
 
     run = _push(res, box.address, box=box, args=("--stage-only",))
     assert run.returncode == 0, run.stdout + run.stderr
@@ -176,6 +177,7 @@ def test_a_killed_transfer_resumes(
     assert sent_now <= total - already + (64 << 10)  # what was there is not sent again
     assert subprocess.run(["md5sum", "-c", "--quiet", "md5.txt"], cwd=box.ota).returncode == 0
     assert (box.ota / big.name).read_bytes() == big.read_bytes()
+    assert not (box.ota / "from-another-bundle.gz").exists() and not (box.ota / ".partial").exists()
 
 
 def test_refusals_name_the_box_and_write_nothing(
@@ -261,9 +263,9 @@ def test_a_box_back_with_new_host_keys_is_refused_unless_trusted_once(
         done = threading.Event()
 
         def reflash(box: sshbox.SshBox = box, done: threading.Event = done) -> None:
-            while not (box.root / "var/lib/boots").exists():
+            while not (box.root / "var/lib/armed").exists():  # the vendor helper armed the update
                 time.sleep(0.05)
-            box.new_host_key()
+            box.reboot_with_new_host_key()
             done.set()
 
         watcher = threading.Thread(target=reflash, daemon=True)

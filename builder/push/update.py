@@ -99,7 +99,7 @@ def update_box(bundle: LocalBundle, ssh: Ssh, opts: PushOptions, status: Status)
         )
     total = sum(f.size for f in sends)
     status("sending", sent=0, total=total)
-    _prepare(ssh, opts.folder, copies)
+    _prepare(ssh, opts.folder, copies, sends)
     sent = _send(ssh, opts.folder, sends, facts, lambda n: status("sending", sent=n, total=total))
     status("verifying")
     _install(ssh, opts.folder, [f.name for f in files])
@@ -173,8 +173,18 @@ def _transfer_plan(
     return sends, copies, keep
 
 
-def _prepare(ssh: Ssh, folder: str, copies: list[tuple[_File, str]]) -> None:
+def _prepare(
+    ssh: Ssh, folder: str, copies: list[tuple[_File, str]], sends: list[_File] | None = None
+) -> None:
+    """The .partial folder with only what is on its way: a leftover of another bundle's killed
+    transfer would otherwise be moved over a file that is already right."""
     lines = ["set -e", 'mkdir -p "$1/' + PARTIAL + '"', 'cd "$1"']
+    if sends is not None:
+        wanted = " ".join(shlex.quote(f.name) for f in sends)
+        lines.append(
+            f'for f in {PARTIAL}/*; do [ -f "$f" ] || continue; n=${{f#{PARTIAL}/}}; '
+            f'case " {wanted} " in *" $n "*) ;; *) rm -f "$f" ;; esac; done'
+        )
     for f, src in copies:
         dst = shlex.quote(f"{PARTIAL}/{f.name}")
         lines.append(f"rm -f {dst}; ln {shlex.quote(src)} {dst} 2>/dev/null || cp {shlex.quote(src)} {dst}")

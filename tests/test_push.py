@@ -213,6 +213,12 @@ def test_refusals_name_the_box_and_write_nothing(
     run = _push(res, box.address, box=box)  # no --yes, not a terminal: refused before anything
     assert run.returncode == 1 and "--yes" in run.stdout + run.stderr
 
+    box.stop()  # the box is off the network
+    run = _push(res, box.address, box=box, args=("--yes",))
+    failure = _result(run.stdout)["boxes"][0]  # type: ignore[index]
+    assert run.returncode == 1 and "cannot reach it over SSH" in failure["message"]
+    assert f"127.0.0.1:{box.port}" in failure["message"] and "powered" in failure["hint"]
+
 
 def test_a_fleet_of_three_with_one_failing_box(
     package: vf.MiniPackage, boxes: list[sshbox.SshBox], tmp_path: Path

@@ -158,13 +158,18 @@ def scan_zip(path: Path, looks_like_tar: Sniff, looks_like_disk: Sniff) -> list[
 
 
 def scan_tar(
-    raw: BinaryIO, looks_like_tar: Sniff, looks_like_disk: Sniff, cache: Path
+    raw: BinaryIO,
+    looks_like_tar: Sniff,
+    looks_like_disk: Sniff,
+    cache: Path,
+    check_name: Callable[[str], object] = lambda name: name,
 ) -> tuple[list[Candidate], list[str]]:
     """One streaming pass over a tarball release: (the packages inside it, each copied to
     `member_path(cache, name)`; every regular member's name, to find a file set at top level)."""
     out, names = [], []
     with tarfile.open(fileobj=raw, mode="r|") as tar:
         for member in tar:
+            check_name(member.name)  # an unsafe path (absolute, ..) is refused, listed or not
             if not member.isreg():
                 continue
             names.append(member.name)

@@ -560,12 +560,16 @@ def _open_tar_release(path: Path, comp: str | None, workdir: Path, member: str |
         log.info("reading the listing of %s (one streaming pass)", path)
         try:
             with _open_decompressed(path, comp) as raw:
-                nested, names = release.scan_tar(raw, _looks_like_tar, _looks_like_card, cache)
+                nested, names = release.scan_tar(
+                    raw, _looks_like_tar, _looks_like_card, cache, lambda n: _safe_member_name(n, str(path))
+                )
         except Exception as exc:
             if _is_data_error(exc):
                 raise _damaged("tarball", str(path), exc) from exc
             raise
         direct = release.names_hold_file_set([n for n in names if not is_os_junk(n)])
+        if not direct and not nested:
+            find_file_set(names, str(path))  # raises, naming what the tarball holds
         release.save_index(cache, nested, direct)
         index = (nested, direct)
     nested, direct = index

@@ -331,21 +331,25 @@ def extract_partitions(emmc: Path, plan: FlashPlan, dest: Path) -> dict[str, Pat
     """Cut each partition's area out of a (simulated) eMMC image into `dest/<label>.img`."""
     dest.mkdir(parents=True, exist_ok=True)
     out = {}
-    with open(emmc, "rb") as src:
-        for p in plan.partitions:
-            path = dest / f"{p.label}.img"
-            length = p.size_sectors * SECTOR
-            with open(path, "wb") as dst:
-                dst.truncate(length)
-                pos = 0
-                while pos < length:
-                    src.seek(p.offset_sectors * SECTOR + pos)
-                    buf = src.read(min(1 << 20, length - pos))
-                    if not buf:
-                        break
-                    if buf != _ZEROS[: len(buf)]:
-                        dst.seek(pos)
-                        dst.write(buf)
-                    pos += len(buf)
-            out[p.label] = path
+    for p in plan.partitions:
+        out[p.label] = cut_area(
+            emmc, p.offset_sectors * SECTOR, p.size_sectors * SECTOR, dest / f"{p.label}.img"
+        )
     return out
+
+
+def cut_area(emmc: Path, offset: int, length: int, path: Path) -> Path:
+    """`length` bytes of `emmc` from `offset` as a file of their own, all-zero runs left as holes."""
+    with open(emmc, "rb") as src, open(path, "wb") as dst:
+        dst.truncate(length)
+        pos = 0
+        while pos < length:
+            src.seek(offset + pos)
+            buf = src.read(min(1 << 20, length - pos))
+            if not buf:
+                break
+            if buf != _ZEROS[: len(buf)]:
+                dst.seek(pos)
+                dst.write(buf)
+            pos += len(buf)
+    return path

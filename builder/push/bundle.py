@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 from dataclasses import dataclass, field
@@ -76,14 +75,6 @@ def _bundle_id(root: Path) -> str | None:
         return None
     bid = doc.get("bundle_id")
     return str(bid["bundle"]) if isinstance(bid, dict) and "bundle" in bid else None
-
-
-def file_md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)

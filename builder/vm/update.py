@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from builder.cache import read_json, write_json_atomic
 from builder.errors import AirboxError
 from builder.fs.ext4 import EditBatch, Ext4Image
 from builder.ota import ota_plan, update_files
+from builder.package.chunks import pwrite_over
 from builder.package.flashplan import SECTOR, FlashPlan
 from builder.package.source import open_package
 from builder.push.box import layout_differences
@@ -107,20 +107,9 @@ def _place(
 ) -> None:
     """The partition's filesystem grown to the whole partition (the box's first boot does that),
     then the bundle (with the update's own scripts) in OTA_FOLDER, as push leaves it."""
-    cut = work / "holding.img"
-    with open(image, "rb") as src, open(cut, "wb") as dst:
-        src.seek(offset * SECTOR)
-        left = size * SECTOR
-        while left:
-            buf = src.read(min(1 << 20, left))
-            if not buf:
-                break
-            if buf.count(0) == len(buf):
-                dst.seek(len(buf), os.SEEK_CUR)
-            else:
-                dst.write(buf)
-            left -= len(buf)
-        dst.truncate(size * SECTOR)
+    from builder.verify import cut_area
+
+    cut = cut_area(image, offset * SECTOR, size * SECTOR, work / "holding.img")
     fs = Ext4Image(cut, epoch=epoch)
     info = fs.grow_to(size * SECTOR)
     names = files.names()  # type: ignore[attr-defined]
@@ -144,6 +133,12 @@ def _place(
                 files.copy_to(name, dest)  # type: ignore[attr-defined]
             batch.write(f"{OTA_FOLDER}/{name}", dest)
     fs.check()
-    with open(cut, "rb") as src, open(image, "r+b") as dst:
-        dst.seek(offset * SECTOR)
-        shutil.copyfileobj(src, dst, 1 << 20)
+    fd = os.open(image, os.O_RDWR)
+    try:
+        with open(cut, "rb") as src:
+            pos = 0
+            while block := src.read(1 << 20):
+                pwrite_over(fd, block, offset * SECTOR + pos)  # zero runs stay holes
+                pos += len(block)
+    finally:
+        os.close(fd)

@@ -19,6 +19,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from builder.vm import machine
+
 BUSYBOX_APPLETS = [
     "sh",
     "ash",
@@ -93,12 +95,6 @@ def usable() -> str | None:
     if "not a dynamic executable" not in ldd.stdout + ldd.stderr and "statically linked" not in ldd.stdout:
         return "needs a static busybox (package busybox-static)"
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -190,7 +186,7 @@ def make_box(work: Path, gpt: bytes, *, data_partition: int = 7, client_key: Pat
     if client_key is None:
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(identity)], check=True)
     (keys / "authorized_keys").write_text(Path(f"{identity}.pub").read_text())
-    port = free_port()
+    port = machine.free_port()
     known = keys / "known_hosts"
     known.write_text(f"[127.0.0.1]:{port} {Path(f'{host_key}.pub').read_text().split(' ', 2)[0]} "
                      f"{Path(f'{host_key}.pub').read_text().split(' ', 2)[1]}\n")  # fmt: skip

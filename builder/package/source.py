@@ -52,7 +52,7 @@ from builder.run import require_tools
 
 log = logging.getLogger("airbox-build")
 
-MARKERS = ("boot.scr", "boot_emmc.scr")
+MARKERS = release.MARKERS  # the file set: the one folder holding both
 SUPPORTED_FORMS = (
     "a folder holding the file set (or holding one folder that does)",
     "a tarball: .tar, .tgz/.tar.gz, .tar.xz, .tar.bz2 (any top folder)",

@@ -14,11 +14,13 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from builder.push.ssh import CONTROL_PREFIX
 from builder.vm import machine
 
 BUSYBOX_APPLETS = [
@@ -234,6 +236,16 @@ def _start_sshd(config: Path, log: Path, port: int) -> subprocess.Popen[bytes]:
     proc.kill()
     proc.wait()
     raise RuntimeError(f"sshd did not start: {log.read_text()}")
+
+
+def end_ssh_masters(pid: int) -> None:
+    """What a push killed with SIGKILL leaves: its ssh connection master (ControlPersist) and the
+    folder of its socket, known by the push's pid. Asked to exit, then removed."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{CONTROL_PREFIX}{pid}-*"):
+        sock = folder / "c"
+        if sock.exists():
+            subprocess.run(["ssh", "-o", f"ControlPath={sock}", "-O", "exit", "x"], capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def boot_id(box: SshBox) -> str:

@@ -163,6 +163,7 @@ def test_a_killed_transfer_resumes(
     build.wait_for(stalled, timeout=60)
     build.signal(signal.SIGKILL)
     build.proc.wait()
+    sshbox.end_ssh_masters(build.proc.pid)  # what the killed push left: its connection master
     partial = sorted((box.ota / ".partial").iterdir())
     assert len(partial) >= 3 and not (box.ota / "md5.txt").exists()  # nothing installed yet
     # and one more file half sent, as a transfer killed inside it leaves it
@@ -198,7 +199,15 @@ def test_refusals_name_the_box_and_write_nothing(
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
     stranger.write_text(f"[127.0.0.1]:{box.port} {' '.join(Path(f'{other}.pub').read_text().split()[:2])}\n")
     run = cli(
-        "--json", "push", res.out_dir, box.address, "--known-hosts", stranger, "-i", box.identity, "--yes"
+        "--json",
+        "push",
+        res.out_dir,
+        box.address,
+        "--known-hosts",
+        stranger,
+        "-i",
+        box.identity,
+        "--yes",
     )
     assert run.returncode == 1
     msg = _result(run.stdout)["boxes"][0]["message"]  # type: ignore[index]

@@ -62,6 +62,7 @@ import shutil
 import stat as statmod
 import struct
 import tempfile
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -1289,6 +1290,7 @@ class EditBatch:
         self.epoch = epoch
         self._ops: list[_Op] = []
         self._staging: Path | None = None
+        self._cleanup: weakref.finalize | None = None
         self._staged = 0
         self._applied = False
 
@@ -1306,9 +1308,9 @@ class EditBatch:
 
     def close(self) -> None:
         """Remove staged bytes (write_bytes, xattr values)."""
-        if self._staging is not None:
-            shutil.rmtree(self._staging, ignore_errors=True)
-            self._staging = None
+        if self._cleanup is not None:
+            self._cleanup()  # weakref.finalize: runs once, here or when the batch is collected
+        self._staging = None
 
     def __len__(self) -> int:
         return len(self._ops)
@@ -1316,6 +1318,8 @@ class EditBatch:
     def _stage(self, data: bytes) -> Path:
         if self._staging is None:
             self._staging = Path(tempfile.mkdtemp(prefix="airbox-ext4-"))
+            # a batch dropped without close() (never applied, or a caller's error) still cleans up
+            self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._staging), True)
         self._staged += 1
         f = self._staging / str(self._staged)
         f.write_bytes(data)

@@ -7,6 +7,7 @@ needs nothing but a shell and coreutils (or busybox).
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -18,8 +19,19 @@ from typing import BinaryIO
 
 from builder.errors import AirboxError
 
+CONTROL_PREFIX = "airbox-ssh-"  # + pid: what a killed push leaves is known by its pid
+SOCKET_MAX = 100  # a Unix socket path must fit sun_path (108 bytes); ssh adds ".<16 chars>" while binding
 SSH_FAILED = 255  # what ssh exits with when it, not the remote command, failed
 _TARGET = re.compile(r"^(?:(?P<user>[^@\s]+)@)?(?P<host>\[[^\]]+\]|[^:@\s]+)(?::(?P<port>\d+))?$")
+
+
+def _control_base() -> str:
+    """Where the connection master's socket goes: $TMPDIR, or /tmp when $TMPDIR is too deep for a
+    Unix socket path (ssh would fail with "too long for Unix domain socket")."""
+    base = tempfile.gettempdir()
+    if len(base) + len(CONTROL_PREFIX) + 40 + 20 > SOCKET_MAX and os.path.isdir("/tmp"):
+        return "/tmp"
+    return base
 
 
 class BoxError(AirboxError):
@@ -68,7 +80,7 @@ class Ssh:
         self.known_hosts = known_hosts
         self.identity = identity
         self.connect_timeout = connect_timeout
-        self._dir = tempfile.TemporaryDirectory(prefix="airbox-ssh-")
+        self._dir = tempfile.TemporaryDirectory(prefix=f"{CONTROL_PREFIX}{os.getpid()}-", dir=_control_base())
         self._control = Path(self._dir.name) / "c"
         self.new_keys: Path | None = None  # after a reflash with new host keys, if trusted: see trust_new_key
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from builder.customise.bundleid import BUNDLE_ID_PATH, parse
 from builder.errors import PackageError
-from builder.manifest import MD5_NAME, parse_md5
+from builder.manifest import parse_md5
 from builder.package.layout import GPT_BLOB_SIZE, Gpt, decode_gpt
 from builder.push.ssh import SSH_FAILED, BoxError, Ssh, explain_ssh_failure
 
@@ -75,18 +75,6 @@ class BoxFacts:
     @property
     def running(self) -> str | None:
         return str(self.bundle_id["bundle"]) if self.bundle_id else None
-
-    @property
-    def ota_path(self) -> str:
-        """The folder inside its partition: what U-Boot's `$ota_path` names."""
-        real = posixpath.join(self.existing, posixpath.relpath(self.folder, self._nearest_given()))
-        return posixpath.relpath(posixpath.normpath(real), self.mount_point).lstrip("./") or ""
-
-    def _nearest_given(self) -> str:
-        d = self.folder
-        while d not in ("/", "") and not self.existing.endswith(d.rstrip("/")) and d != self.existing:
-            d = posixpath.dirname(d)
-        return d
 
 
 def _lines(out: bytes) -> list[tuple[str, str]]:
@@ -226,10 +214,3 @@ def layout_differences(box: Gpt, bundle: Gpt) -> list[str]:
                 f"p{slot + 1} ({b.name}): {a.size_sectors} sectors on the box, {b.size_sectors} in the bundle"
             )
     return diffs
-
-
-def claimed_md5(facts: BoxFacts, name: str) -> str | None:
-    return facts.md5.get(name) if name in facts.files else None
-
-
-__all__ = ["MD5_NAME", "BoxFacts", "claimed_md5", "layout_differences", "probe", "read_disk"]

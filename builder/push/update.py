@@ -9,6 +9,7 @@ every file is on the box and `md5sum -c md5.txt` passes there; the box's own `lo
 from __future__ import annotations
 
 import hashlib
+import io
 import posixpath
 import shlex
 import tempfile
@@ -16,7 +17,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
+from builder.customise.bundleid import BUNDLE_ID_PATH
+from builder.customise.bundleid import parse as parse_bundle_id
 from builder.errors import AirboxError
 from builder.events import checkpoint
 from builder.manifest import MD5_NAME
@@ -65,7 +69,7 @@ def update_box(bundle: LocalBundle, ssh: Ssh, opts: PushOptions, status: Status)
     facts = probe(ssh, opts.folder)
     if bundle.bundle_id and facts.running == bundle.bundle_id and not opts.force:
         return Outcome("already", f"already runs bundle {bundle.bundle_id[:12]}")
-    _check_target(facts, label, opts)
+    _check_target(facts, label)
     read_disk(ssh, facts)
     assert facts.gpt is not None
     diffs = layout_differences(facts.gpt, bundle.plan.gpt)
@@ -128,7 +132,7 @@ def update_box(bundle: LocalBundle, ssh: Ssh, opts: PushOptions, status: Status)
     return _wait_back(ssh, bundle, before, opts, status, done)
 
 
-def _check_target(facts: BoxFacts, label: str, opts: PushOptions) -> None:
+def _check_target(facts: BoxFacts, label: str) -> None:
     if facts.read_only:
         raise BoxError(
             f"box {label}: {facts.mount_point} ({facts.device}) is mounted read-only",
@@ -238,9 +242,7 @@ def _send(
     return transferred
 
 
-def _open(f: _File):  # type: ignore[no-untyped-def]
-    import io
-
+def _open(f: _File) -> BinaryIO:
     return io.BytesIO(f.data) if f.data is not None else open(f.path, "rb")
 
 
@@ -324,7 +326,7 @@ def _wait_back(
     last = "no answer yet"
     while time.monotonic() < deadline:
         proc = ssh.run(
-            "cat /proc/sys/kernel/random/boot_id; echo; cat /etc/airbox-build.json 2>/dev/null\n",
+            f"cat /proc/sys/kernel/random/boot_id; echo; cat {BUNDLE_ID_PATH} 2>/dev/null\n",
             timeout=20,
             multiplex=False,
         )
@@ -345,9 +347,7 @@ def _wait_back(
         elif proc.returncode == 0:
             boot_id, _, rest = proc.stdout.decode(errors="replace").partition("\n")
             if boot_id.strip() != before:
-                from builder.customise.bundleid import parse
-
-                doc = parse(rest.strip())
+                doc = parse_bundle_id(rest.strip())
                 running = str(doc["bundle"]) if doc else None
                 if bundle.bundle_id is None or running == bundle.bundle_id:
                     status("back", bundle=running)

@@ -19,7 +19,7 @@ from builder.errors import AirboxError
 from builder.fs.ext4 import EditBatch, Ext4Image
 from builder.ota import ota_plan, update_files
 from builder.package.chunks import pwrite_over
-from builder.package.flashplan import SECTOR, FlashPlan
+from builder.package.flashplan import SECTOR, read_flash_plan
 from builder.package.source import open_package
 from builder.push.box import layout_differences
 from builder.units import format_size
@@ -51,7 +51,7 @@ def flash_update(bundle: Bundle, base: Path, info: object = None) -> Flash:
             first = verify_fileset(base_files, simulate=part)
             _refuse(first, str(base))
             assert first.plan is not None
-            rep_plan = _plan_of(files)
+            rep_plan = read_flash_plan(files)
             diffs = layout_differences(first.plan.gpt, rep_plan.gpt)
             if diffs:
                 raise VMError(
@@ -82,12 +82,6 @@ def flash_update(bundle: Bundle, base: Path, info: object = None) -> Flash:
             f"eMMC: {base} installed, then updated to the bundle from p{number} ({holding.label}{OTA_FOLDER})"
         )
     return Flash(image, ro, rw, digest, False)
-
-
-def _plan_of(files: object) -> FlashPlan:
-    from builder.package.flashplan import read_flash_plan
-
-    return read_flash_plan(files)  # type: ignore[arg-type]
 
 
 def _refuse(report: object, what: str) -> None:

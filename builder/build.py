@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from builder.previous import EarlierPartition, PreviousBuild, load_previous
 from builder.recipe import Recipe, iter_inputs
 from builder.recipe_devices import static_addresses
 from builder.redact import redact_data
-from builder.repack import ImageEdit, RepackResult, apply_edits, repack
+from builder.repack import RepackResult, repack
 
 CARD = "card"
 KNOWN_HOSTS = "known_hosts"
@@ -79,7 +79,6 @@ def build(
     recipe: Recipe,
     opts: BuildOptions,
     reporter: Reporter,
-    extra_edits: Mapping[str, Sequence[ImageEdit]] | None = None,
     *,
     folder: str | None = None,
     host_keys: Mapping[str, Path] | None = None,
@@ -138,10 +137,10 @@ def build(
                 image_cache=image_cache,
                 previous=previous,
                 digest_memo=digest_memo,
+                fetch_opts=opts.fetch,
+                stage_cache=opts.fetch.cache_dir / "apps" if opts.image_cache else None,
+                host_keys=host_keys,
             )
-            cust.fetch_opts = opts.fetch
-            cust.host_keys = host_keys
-            cust.stage_cache = opts.fetch.cache_dir / "apps" if opts.image_cache else None
             cleanup.callback(cust.close)
             if recipe.apps:
                 with reporter.step("app budget"):
@@ -153,8 +152,6 @@ def build(
                     customise(cust)
                     images.update(cust.finish(shrink=recipe.output.shrink))
                     digest_memo.save()
-            if extra_edits:
-                images.update(apply_edits(files, plan, work, extra_edits, opts.workers))
             with reporter.step("repack"):
                 repacked = _repack(
                     files,

@@ -28,7 +28,6 @@ from builder.package.chunks import (
     copy_vendor,
     default_workers,
     file_stat,
-    join_partition,
     pack_partition,
     vendor_stat,
 )
@@ -42,7 +41,6 @@ from builder.previous import EarlierPartition, PreviousBuild
 log = logging.getLogger("airbox-build")
 
 # An edit receives the joined partition image (a sparse file it may grow or shrink).
-ImageEdit = Callable[[Path], None]
 
 
 @dataclass
@@ -445,26 +443,3 @@ def _write_md5(
     digests = {p.name: known[p.name] if p.name in known else md5s[p.name] for p in paths}
     (card / MD5_NAME).write_text(render_md5(digests, vendor_text))
     return digests
-
-
-def apply_edits(
-    files: FileSet,
-    plan: FlashPlan,
-    work: Path,
-    edits: Mapping[str, Sequence[ImageEdit]],
-    workers: int | None = None,
-) -> dict[str, JoinedImage]:
-    """Join each partition named in `edits` and run its edit callbacks on the image."""
-    out: dict[str, JoinedImage] = {}
-    for label, fns in edits.items():
-        part = plan.partition(label)
-        if part.script is None:
-            raise BuildError(
-                f"the recipe changes partition {part.label}, but the package has no image for it",
-                hint="remove the recipe entries that target this partition",
-            )
-        joined = join_partition(files, part, work / f"{part.stem}.img", workers=workers)
-        for fn in fns:
-            fn(joined.path)
-        out[part.label.upper()] = joined
-    return out

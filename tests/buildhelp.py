@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import filecmp
 import hashlib
 import os
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+import builder.build
 from builder.build import BuildOptions, BuildResult, build
+from builder.errors import BuildError
 from builder.events import Reporter
 from builder.fetch import FetchOptions
+from builder.package.chunks import JoinedImage, join_partition
+from builder.package.flashplan import FileSet, FlashPlan
 from builder.recipe import load_recipe
-from builder.repack import ImageEdit
+
+ImageEdit = Callable[[Path], None]  # a test's own change to a joined partition image
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,7 +47,48 @@ def run_build(
 ) -> BuildResult:
     r = load_recipe(recipe)
     fopts = FetchOptions(cache_dir=cache, progress=False)
-    return build(r, BuildOptions(output_dir=out, fetch=fopts, **opts), Reporter(quiet=True), edits)
+    with _edits_before_repack(edits or {}):
+        return build(r, BuildOptions(output_dir=out, fetch=fopts, **opts), Reporter(quiet=True))
+
+
+@contextlib.contextmanager
+def _edits_before_repack(edits: Mapping[str, Sequence[ImageEdit]]) -> Iterator[None]:
+    """Run a test's own edits on joined partition images just before the build repacks them.
+
+    The product has no hook for this: the test wraps the build's repack step for the one build.
+    """
+    if not edits:
+        yield
+        return
+    original = builder.build._repack
+
+    def repack_with_edits(files: Any, plan: FlashPlan, card: Path, images: Any, *args: Any, **kw: Any) -> Any:
+        work = card.parent.parent / "work"  # TMP/result/card beside TMP/work (builder.build)
+        edited = dict(images)
+        edited.update(apply_edits(files, plan, work, edits))
+        return original(files, plan, card, edited, *args, **kw)
+
+    builder.build._repack = repack_with_edits  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        builder.build._repack = original  # type: ignore[assignment]
+
+
+def apply_edits(
+    files: FileSet, plan: FlashPlan, work: Path, edits: Mapping[str, Sequence[ImageEdit]]
+) -> dict[str, JoinedImage]:
+    """Join each partition named in `edits` and run its edit callbacks on the image."""
+    out: dict[str, JoinedImage] = {}
+    for label, fns in edits.items():
+        part = plan.partition(label)
+        if part.script is None:
+            raise BuildError(f"the test edits partition {part.label}, but the package has no image for it")
+        joined = join_partition(files, part, work / f"{part.stem}.img")
+        for fn in fns:
+            fn(joined.path)
+        out[part.label.upper()] = joined
+    return out
 
 
 def cli(

@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from builder.customise.bundleid import (
     BUNDLE_ID_PATH,
@@ -37,6 +37,9 @@ from builder.previous import EarlierPartition, PreviousBuild, edit_fingerprint
 from builder.recipe import Owner, Recipe
 from builder.run import find_tool
 from builder.units import format_size
+
+if TYPE_CHECKING:
+    from builder.fetch import FetchOptions
 
 ROOTFS = "ROOTFS"
 ROOTFS_RW = "ROOTFS_RW"
@@ -129,6 +132,9 @@ class Customiser:
         image_cache: ImageCache | None = None,
         previous: PreviousBuild | None = None,
         digest_memo: DigestMemo | None = None,
+        fetch_opts: FetchOptions | None = None,
+        stage_cache: Path | None = None,
+        host_keys: Mapping[str, Path] | None = None,
     ) -> None:
         self.recipe = recipe
         self.plan = plan
@@ -158,9 +164,9 @@ class Customiser:
         self._stat_cache: dict[tuple[str, str], Inode | None] = {}
         self.after_apply: list[Callable[[], None]] = []
         self.app_results: list[Any] = []
-        self.fetch_opts: Any = None  # FetchOptions, for steps that download (app wheels)
-        self.stage_cache: Path | None = None  # CACHE/apps: staged app trees kept between builds
-        self.host_keys: Mapping[str, Path] | None = None  # per-device host keys: type -> private key
+        self.fetch_opts = fetch_opts  # for steps that download (app wheels)
+        self.stage_cache = stage_cache  # CACHE/apps: staged app trees kept between builds
+        self.host_keys = host_keys  # per-device host keys: type -> private key
         self.bundle_id: dict[str, Any] | None = None  # what /etc/airbox-build.json says, once written
 
     # ------------------------------------------------------------------ images

@@ -32,7 +32,7 @@ from builder.package.source import open_package
 from builder.preflight import check_card_chunks, check_package_files, preflight_build
 from builder.previous import EarlierPartition, PreviousBuild, load_previous
 from builder.recipe import Recipe, iter_inputs
-from builder.recipe_devices import static_addresses
+from builder.recipe.devices import static_addresses
 from builder.redact import redact_data
 from builder.repack import RepackResult, repack
 

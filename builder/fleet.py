@@ -30,8 +30,8 @@ from builder.events import Reporter, checkpoint
 from builder.hostkeys import ensure_host_keys, fingerprints, keys_dir, known_hosts_lines
 from builder.inputs import InputSpec
 from builder.recipe import Recipe
-from builder.recipe_devices import Device, static_addresses
-from builder.recipe_system import Identity
+from builder.recipe.devices import Device, static_addresses
+from builder.recipe.system import Identity
 
 SHARED = "_shared"
 FLEET_JSON = "fleet.json"

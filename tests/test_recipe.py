@@ -1,4 +1,4 @@
-"""builder.recipe, builder.recipe_network and builder.units: YAML -> frozen Recipe, every error located."""
+"""builder.recipe, builder.recipe.network and builder.units: YAML -> frozen Recipe, every error located."""
 
 from __future__ import annotations
 

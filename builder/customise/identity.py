@@ -18,7 +18,7 @@ from builder.customise.context import OVERLAY_UPPER, ROOTFS, ROOTFS_RW, Customis
 from builder.customise.services import find_unit, install_section, wanted_links
 from builder.errors import RecipeError
 from builder.fs.ext4 import FileType
-from builder.recipe_system import Identity
+from builder.recipe.system import Identity
 
 SSH_DIR = "/etc/ssh"
 HOST_KEY = re.compile(r"ssh_host_[a-z0-9]+_key(\.pub)?")

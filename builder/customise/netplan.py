@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from builder.recipe_network import Interface, Network
+from builder.recipe.network import Interface, Network
 
 INDENT = " " * 8
 _FIRST = ("match", "set-name", "macaddress", "dhcp4", "dhcp6", "addresses", "optional")

@@ -14,7 +14,7 @@ import subprocess
 
 from builder.customise.context import ROOTFS, Customiser
 from builder.errors import RecipeError
-from builder.recipe_system import VENDOR_PASSWORDS
+from builder.recipe.system import VENDOR_PASSWORDS
 
 SSHD_CONFIG = "/etc/ssh/sshd_config"
 DROP_IN_DIR = "/etc/ssh/sshd_config.d"

@@ -21,7 +21,7 @@ from typing import Any
 
 from builder.customise.bundleid import BUNDLE_ID_PATH
 from builder.customise.bundleid import parse as parse_bundle_id
-from builder.recipe_system import VENDOR_PASSWORDS
+from builder.recipe.system import VENDOR_PASSWORDS
 from builder.vm.agent import UNIT_NAME, Agent
 
 OK, FAIL, WARN, KNOWN = "ok", "FAIL", "warn", "known"

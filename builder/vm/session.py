@@ -67,7 +67,7 @@ def load_recipe_of(bundle: machine.Bundle, path: Path | None) -> Any:
     recipe = load_recipe(path, check_files=False)
     device = (bundle.report.get("recipe") or {}).get("device")
     if device and recipe.devices:
-        from builder.recipe_devices import device_by_name
+        from builder.recipe.devices import device_by_name
 
         return device_by_name(recipe, device)
     return recipe

@@ -6,7 +6,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-from builder.recipe import KeyPath, Node, _type_error, entry_where, err, expect_bool, expect_str, fields
+from builder.recipe.nodes import KeyPath, Node, _type_error, entry_where, err, expect_bool, expect_str, fields
 
 SSH_HOST_KEYS = ("regenerate", "per-device", "keep")
 # the accounts whose passwords the vendor's docs print (FORMAT.md section 6): name -> password

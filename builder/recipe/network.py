@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from builder.recipe import (
+from builder.recipe.nodes import (
     KeyPath,
     Mark,
     Node,

@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from builder.errors import RecipeError
-from builder.recipe import (
-    _NAME,
+from builder.recipe.nodes import (
     KeyPath,
     Mark,
     Node,
@@ -25,12 +24,12 @@ from builder.recipe import (
     entry_where,
     err,
     expect_str,
-    local_path,
     unknown_key,
 )
+from builder.recipe.values import _NAME, local_path
 
 if TYPE_CHECKING:
-    from builder.recipe import Recipe
+    from builder.recipe.model import Recipe
 
 # What a device may change: everything but what the whole fleet shares (the vendor package, the
 # partition layout, download mirrors, output forms and the name the fleet's folder carries).

@@ -6,6 +6,7 @@ import re
 from collections.abc import Mapping
 from types import MappingProxyType
 
+from builder.recipe import schema
 from builder.recipe.model import App, AppPython, AppService, AppSource, Model
 from builder.recipe.nodes import (
     KeyPath,
@@ -25,7 +26,6 @@ from builder.recipe.nodes import (
 from builder.recipe.values import (
     _ACCOUNT,
     _ENV_NAME,
-    _INPUT_KEYS,
     device_path,
     expect_url,
     inner_path,
@@ -57,13 +57,12 @@ def _app(name: str, node: Node, parent: Node, check: bool) -> App:
             f"`{name}` is not a valid app name",
             "use a-z, 0-9, '.', '_', '-'",
         )
-    keys = ("path", "owner", "source", "models", "python", "service", "dirs")
-    given = fields(node, path, keys, required=("path",))
+    given = fields(node, path, schema.APP)
     source = None
     if "source" in given:
         source_node = given["source"]
         source_path = (*path, "source")
-        source_fields = fields(source_node, source_path, (*_INPUT_KEYS, "strip_components"))
+        source_fields = fields(source_node, source_path, schema.APP_SOURCE)
         spec = input_spec(
             source_node,
             source_path,
@@ -95,7 +94,7 @@ def _app(name: str, node: Node, parent: Node, check: bool) -> App:
 
 def _strip(given: Mapping[str, Node], path: KeyPath) -> int:
     if "strip_components" not in given:
-        return 0
+        return int(schema.default(schema.APP_SOURCE, "strip_components"))
     return expect_int(given["strip_components"], (*path, "strip_components"), low=0, high=64)
 
 
@@ -104,7 +103,7 @@ def _models(app: str, node: Node, path: KeyPath, check: bool) -> tuple[Model, ..
     dests: dict[str, int] = {}
     for i, item in enumerate(expect_list(node, path)):
         item_path = (*path, i)
-        given = fields(item, item_path, (*_INPUT_KEYS, "dest", "extract", "strip_components"))
+        given = fields(item, item_path, schema.MODEL)
         spec = input_spec(
             item,
             item_path,
@@ -140,18 +139,8 @@ def _models(app: str, node: Node, path: KeyPath, check: bool) -> tuple[Model, ..
 
 
 def _app_python(node: Node, path: KeyPath, check: bool) -> AppPython:
-    keys = (
-        "lock",
-        "target",
-        "platform",
-        "python",
-        "requirements",
-        "exclude_newer",
-        "wheels",
-        "index_url",
-    )
-    given = fields(node, path, keys, required=("lock",))
-    python = "3.8"
+    given = fields(node, path, schema.APP_PYTHON)
+    python = str(schema.default(schema.APP_PYTHON, "python"))
     if "python" in given:
         version = given["python"]
         if isinstance(version.value, (int, float)) and not isinstance(version.value, bool):
@@ -166,7 +155,7 @@ def _app_python(node: Node, path: KeyPath, check: bool) -> AppPython:
                 f"{python!r} is not a Python 3 version",
                 'e.g. "3.8" or "3.8.10"',
             )
-    platform = "manylinux2014_aarch64"
+    platform = str(schema.default(schema.APP_PYTHON, "platform"))
     if "platform" in given:
         platform = expect_str(given["platform"], (*path, "platform"))
         if not re.fullmatch(r"[a-z0-9_]+", platform):
@@ -183,7 +172,9 @@ def _app_python(node: Node, path: KeyPath, check: bool) -> AppPython:
             )
     return AppPython(
         lock=local_path(given["lock"], (*path, "lock"), kind="file", check=check),
-        target=inner_path(given["target"], (*path, "target")) if "target" in given else ".pydeps",
+        target=inner_path(given["target"], (*path, "target"))
+        if "target" in given
+        else schema.default(schema.APP_PYTHON, "target"),
         platform=platform,
         python=python,
         where=entry_where(node, path),
@@ -201,8 +192,7 @@ def _app_python(node: Node, path: KeyPath, check: bool) -> AppPython:
 
 
 def _app_service(app: str, node: Node, path: KeyPath) -> AppService:
-    keys = ("exec", "user", "port", "environment", "after", "name", "enable")
-    given = fields(node, path, keys, required=("exec",))
+    given = fields(node, path, schema.APP_SERVICE)
     command = expect_str(given["exec"], (*path, "exec"))
     if "\n" in command.strip():
         raise err(given["exec"], (*path, "exec"), "`exec` must be one command line")
@@ -241,6 +231,8 @@ def _app_service(app: str, node: Node, path: KeyPath) -> AppService:
         port=expect_int(given["port"], (*path, "port"), low=1, high=65535) if "port" in given else None,
         environment=MappingProxyType(environment),
         after=after,
-        enable=expect_bool(given["enable"], (*path, "enable")) if "enable" in given else True,
+        enable=expect_bool(given["enable"], (*path, "enable"))
+        if "enable" in given
+        else schema.default(schema.APP_SERVICE, "enable"),
         where=entry_where(node, path),
     )

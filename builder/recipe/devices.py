@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from builder.errors import RecipeError
+from builder.recipe import schema
 from builder.recipe.nodes import (
     KeyPath,
     Mark,
@@ -31,12 +32,6 @@ from builder.recipe.values import _NAME, local_path
 if TYPE_CHECKING:
     from builder.recipe.model import Recipe
 
-# What a device may change: everything but what the whole fleet shares (the vendor package, the
-# partition layout, download mirrors, output forms and the name the fleet's folder carries).
-DEVICE_KEYS = (
-    "name", "description", "vars", "hostname", "network", "apt", "pip", "users", "files", "overlays",
-    "remove", "services", "apps", "identity", "ssh", "timezone", "locale", "ntp",
-)  # fmt: skip
 _VAR = re.compile(r"vars\.([A-Za-z_][A-Za-z0-9_]*)")
 
 
@@ -67,8 +62,8 @@ def parse_devices(
         if not item.is_map:
             raise _type_error(item, item_path, "a mapping with at least `name`")
         for key in item.value:
-            if key not in DEVICE_KEYS:
-                raise unknown_key(item, item_path, key, DEVICE_KEYS)
+            if key not in schema.DEVICE.section.names:
+                raise unknown_key(item, item_path, key, schema.DEVICE.section.names)
         if "name" not in item.value or item.value["name"].value is None:
             raise err(item, (*item_path, "name"), "every device needs a `name`", "e.g. name: site-a")
         name_node = item.value["name"]

@@ -29,10 +29,10 @@ from types import MappingProxyType
 from typing import Any
 
 from builder.errors import RecipeError
+from builder.recipe import schema
 from builder.recipe.apps import parse_apps
 from builder.recipe.devices import parse_devices
 from builder.recipe.model import (
-    BUNDLE_ID_MODES,
     Apt,
     FileEntry,
     Output,
@@ -67,7 +67,6 @@ from builder.recipe.users import parse_users
 from builder.recipe.values import (
     _FAT_LABEL,
     _HOST_LABEL,
-    _INPUT_KEYS,
     _LABEL,
     _NAME,
     _SUITE,
@@ -84,11 +83,6 @@ from builder.recipe.values import (
 )
 from builder.units import parse_size
 
-_TOP_KEYS = (
-    "name", "description", "extends", "base", "vars", "hostname", "network", "apt", "pip", "users", "files",
-    "overlays", "remove", "services", "apps", "layout", "mirrors", "output", "identity", "ssh", "timezone",
-    "locale", "ntp", "devices",
-)  # fmt: skip
 _REPLACED_WHOLE = (("base",), ("apps", "*", "source"))
 
 
@@ -160,9 +154,9 @@ class _RecipeParser:
         self.written: dict[str, str] = {}  # device path -> where, of files[] entries
 
     def parse(self, file: Path, root: Node, parents: tuple[Path, ...]) -> Recipe:
-        top = fields(root, (), (*_TOP_KEYS,), required=("name", "base"))
+        top = fields(root, (), schema.RECIPE)
         name = self.name(top["name"])
-        base_fields = fields(top["base"], ("base",), (*_INPUT_KEYS, "member"))
+        base_fields = fields(top["base"], ("base",), schema.BASE)
         base = input_spec(
             top["base"],
             ("base",),
@@ -254,19 +248,19 @@ class _RecipeParser:
 
     def apt(self, node: Node) -> Apt:
         path: KeyPath = ("apt",)
-        given = fields(node, path, ("mirror", "suites", "components"), required=("mirror",))
+        given = fields(node, path, schema.APT)
         mirror = expect_url(given["mirror"], (*path, "mirror"))
         suites = None
         if "suites" in given:
             suites = words(given["suites"], (*path, "suites"), _SUITE, "a suite name such as focal-updates")
-        components = ("main", "restricted", "universe", "multiverse")
+        components = tuple(schema.default(schema.APT, "components"))
         if "components" in given:
             components = words(given["components"], (*path, "components"), _SUITE, "e.g. main, universe")
         return Apt(mirror, suites, components, entry_where(node, path))
 
     def pip(self, node: Node) -> Pip:
         path: KeyPath = ("pip",)
-        given = fields(node, path, ("index_url", "trusted_host", "extra_index_urls"), required=("index_url",))
+        given = fields(node, path, schema.PIP)
         index_url = expect_url(given["index_url"], (*path, "index_url"))
         extra: tuple[str, ...] = ()
         if "extra_index_urls" in given:
@@ -287,23 +281,10 @@ class _RecipeParser:
         return Pip(index_url, hosts, extra, entry_where(node, path))
 
     def files(self, node: Node) -> tuple[FileEntry, ...]:
-        keys = (
-            "path",
-            "content",
-            "source",
-            "template",
-            "url",
-            "sha256",
-            "md5",
-            "size",
-            "mode",
-            "owner",
-            "layer",
-        )
         entries = []
         for i, item in enumerate(expect_list(node, ("files",))):
             path: KeyPath = ("files", i)
-            given = fields(item, path, keys, required=("path",))
+            given = fields(item, path, schema.FILE)
             kind = exactly_one(item, path, given, ("content", "source", "template", "url"))
             if kind != "url":
                 for key in ("sha256", "md5", "size"):
@@ -325,7 +306,7 @@ class _RecipeParser:
                     check=self.check,
                     sources=("url",),
                 )
-            layer = "base"
+            layer = schema.default(schema.FILE, "layer")
             if "layer" in given:
                 layer = expect_str(given["layer"], (*path, "layer"))
                 if layer not in ("base", "overlay"):
@@ -348,7 +329,9 @@ class _RecipeParser:
                     source=source,
                     template=template,
                     input=spec,
-                    mode=parse_mode(given["mode"], (*path, "mode")) if "mode" in given else 0o644,
+                    mode=parse_mode(given["mode"], (*path, "mode"))
+                    if "mode" in given
+                    else int(schema.default(schema.FILE, "mode"), 8),
                     owner=parse_owner(given["owner"], (*path, "owner")) if "owner" in given else None,
                     layer=layer,
                     where=entry_where(item, path),
@@ -374,7 +357,7 @@ class _RecipeParser:
         out = []
         for i, item in enumerate(expect_list(node, ("overlays",))):
             path: KeyPath = ("overlays", i)
-            given = fields(item, path, ("path", "owner"), required=("path",))
+            given = fields(item, path, schema.OVERLAY)
             out.append(
                 Overlay(
                     local_path(given["path"], (*path, "path"), kind="dir", check=self.check),
@@ -385,7 +368,7 @@ class _RecipeParser:
         return tuple(out)
 
     def services(self, node: Node) -> Services:
-        given = fields(node, ("services",), ("enable", "disable"))
+        given = fields(node, ("services",), schema.SERVICES)
         lists: dict[str, tuple[str, ...]] = {}
         for key in ("enable", "disable"):
             items = expect_list(given[key], ("services", key)) if key in given else []
@@ -434,7 +417,7 @@ class _RecipeParser:
 
     def output(self, node: Node) -> Output:
         path: KeyPath = ("output",)
-        given = fields(node, path, ("image", "zip", "shrink", "volume_label", "bundle_id"))
+        given = fields(node, path, schema.OUTPUT)
         flags = {
             key: expect_bool(given[key], (*path, key)) for key in ("image", "zip", "shrink") if key in given
         }
@@ -456,11 +439,11 @@ class _RecipeParser:
                 bundle_id = "always" if node_id.value else "never"
             else:
                 bundle_id = expect_str(node_id, (*path, "bundle_id"))
-            if bundle_id not in BUNDLE_ID_MODES:
+            if bundle_id not in schema.BUNDLE_ID_MODES:
                 raise err(
                     node_id,
                     (*path, "bundle_id"),
-                    f"{bundle_id!r} is not one of: {', '.join(BUNDLE_ID_MODES)}",
+                    f"{bundle_id!r} is not one of: {', '.join(schema.BUNDLE_ID_MODES)}",
                     "auto writes /etc/airbox-build.json whenever the build changes the image",
                 )
         return Output(volume_label=label, bundle_id=bundle_id, **flags)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from builder.inputs import InputSpec
+from builder.recipe import schema
 from builder.recipe.values import Owner
 
 if TYPE_CHECKING:
@@ -148,14 +149,11 @@ class App:
 
 @dataclass(frozen=True)
 class Output:
-    image: bool = False
-    zip: bool = False
-    shrink: bool = True
-    volume_label: str = "AIRBOX"
-    bundle_id: str = "auto"  # /etc/airbox-build.json: auto (when the build changes the image), always, never
-
-
-BUNDLE_ID_MODES = ("auto", "always", "never")
+    image: bool = schema.default(schema.OUTPUT, "image")
+    zip: bool = schema.default(schema.OUTPUT, "zip")
+    shrink: bool = schema.default(schema.OUTPUT, "shrink")
+    volume_label: str = schema.default(schema.OUTPUT, "volume_label")
+    bundle_id: str = schema.default(schema.OUTPUT, "bundle_id")  # /etc/airbox-build.json: auto, always, never
 
 
 @dataclass(frozen=True)

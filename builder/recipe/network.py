@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from builder.recipe import schema
 from builder.recipe.nodes import (
     KeyPath,
     Mark,
@@ -36,52 +37,9 @@ from builder.recipe.nodes import (
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-_COMMON_KEYS = (
-    "dhcp4",
-    "dhcp6",
-    "addresses",
-    "gateway4",
-    "gateway6",
-    "nameservers",
-    "optional",
-    "mtu",
-    "macaddress",
-    "routes",
-)
-_ETHERNET_KEYS = (*_COMMON_KEYS, "match", "set-name")
-_BOND_KEYS = (*_COMMON_KEYS, "interfaces", "parameters")
-_ROUTE_KEYS = ("to", "via", "from", "on-link", "metric", "table", "scope", "type")
 _MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 _DOMAIN = re.compile(
     r"([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)*[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.?"
-)
-_BOND_CHOICES: dict[str, tuple[str, ...]] = {
-    "mode": (
-        "balance-rr",
-        "active-backup",
-        "balance-xor",
-        "broadcast",
-        "802.3ad",
-        "balance-tlb",
-        "balance-alb",
-    ),
-    "lacp-rate": ("slow", "fast"),
-    "transmit-hash-policy": ("layer2", "layer3+4", "layer2+3", "encap2+3", "encap3+4"),
-    "ad-select": ("stable", "bandwidth", "count"),
-    "arp-validate": ("none", "active", "backup", "all"),
-    "arp-all-targets": ("any", "all"),
-    "fail-over-mac-policy": ("none", "active", "follow"),
-    "primary-reselect-policy": ("always", "better", "failure"),
-}
-_BOND_NUMBERS = ("min-links", "gratuitous-arp", "packets-per-slave", "resend-igmp")
-_BOND_DURATIONS = ("mii-monitor-interval", "arp-interval", "up-delay", "down-delay", "learn-packet-interval")
-_BOND_PARAMS = (
-    *_BOND_CHOICES,
-    *_BOND_NUMBERS,
-    *_BOND_DURATIONS,
-    "all-slaves-active",
-    "arp-ip-targets",
-    "primary",
 )
 
 
@@ -213,7 +171,7 @@ class Network:
 
 
 def parse_network(node: Node, path: KeyPath) -> Network:
-    given = fields(node, path, ("version", "renderer", "ethernets", "bonds"))
+    given = fields(node, path, schema.NETWORK)
     if "version" in given and given["version"].value != 2:
         raise err(given["version"], (*path, "version"), "only netplan version 2 exists", "write version: 2")
     renderer = None
@@ -259,7 +217,7 @@ def _interface_name(text: str, at: Node | Mark, path: KeyPath, what: str) -> Non
 
 
 def _interface(ident: str, node: Node, path: KeyPath, group: Node, kind: str) -> Interface:
-    given = fields(node, path, _ETHERNET_KEYS if kind == "ethernet" else _BOND_KEYS)
+    given = fields(node, path, schema.ETHERNET if kind == "ethernet" else schema.BOND)
     match = _match(given["match"], (*path, "match")) if "match" in given else None
     if match is None:
         _interface_name(ident, key_mark(group, ident), path, "interface name")
@@ -352,7 +310,7 @@ def _mac(node: Node, path: KeyPath) -> str:
 
 
 def _match(node: Node, path: KeyPath) -> Match:
-    given = fields(node, path, ("name", "macaddress", "driver"))
+    given = fields(node, path, schema.MATCH)
     if not given:
         raise err(node, path, "`match` needs name, macaddress or driver")
     return Match(
@@ -434,7 +392,7 @@ def _check_gateway(
 def _route(
     node: Node, path: KeyPath, ident: str, addresses: list[IPInterface], flags: Mapping[str, bool]
 ) -> Route:
-    given = fields(node, path, _ROUTE_KEYS, required=("to",))
+    given = fields(node, path, schema.ROUTE)
     to_text = expect_str(given["to"], (*path, "to")).strip()
     version = None
     if to_text != "default":
@@ -493,7 +451,7 @@ def _nameservers(node: Node, path: KeyPath) -> Nameservers:
             "expected a list of IP addresses or {addresses: [...], search: [...]}",
             "e.g. nameservers: [223.5.5.5, 119.29.29.29]",
         )
-    given = fields(node, path, ("addresses", "search"))
+    given = fields(node, path, schema.NAMESERVERS_KEYS)
     addresses: tuple[str, ...] = ()
     if "addresses" in given:
         items = expect_list(given["addresses"], (*path, "addresses"))
@@ -508,20 +466,23 @@ def _nameservers(node: Node, path: KeyPath) -> Nameservers:
 
 
 def _bond_parameters(node: Node, path: KeyPath, members: tuple[str, ...]) -> Mapping[str, Any]:
-    given = fields(node, path, _BOND_PARAMS)
+    given = fields(node, path, schema.BOND_PARAMETERS)
     out: dict[str, Any] = {}
     for key, value in given.items():
         key_path = (*path, key)
-        if key in _BOND_CHOICES:
+        if key in schema.BOND_CHOICES:
             text = expect_str(value, key_path)
-            if text not in _BOND_CHOICES[key]:
+            if text not in schema.BOND_CHOICES[key]:
                 raise err(
-                    value, key_path, f"{text!r} is not a {key}", f"one of: {', '.join(_BOND_CHOICES[key])}"
+                    value,
+                    key_path,
+                    f"{text!r} is not a {key}",
+                    f"one of: {', '.join(schema.BOND_CHOICES[key])}",
                 )
             out[key] = text
-        elif key in _BOND_NUMBERS:
+        elif key in schema.BOND_NUMBERS:
             out[key] = expect_int(value, key_path, low=0)
-        elif key in _BOND_DURATIONS:
+        elif key in schema.BOND_DURATIONS:
             out[key] = _duration(value, key_path)
         elif key == "all-slaves-active":
             out[key] = expect_bool(value, key_path)

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from builder.errors import RecipeError
+from builder.recipe.schema import Type
 
 KeyPath = tuple[str | int, ...]
 
@@ -329,19 +330,19 @@ def unknown_key(node: Node, path: KeyPath, key: str, allowed: Iterable[str]) -> 
     )
 
 
-def fields(
-    node: Node, path: KeyPath, allowed: Iterable[str], required: Iterable[str] = ()
-) -> dict[str, Node]:
-    """Check a mapping's keys; return the keys whose value is not null (null = not given)."""
+def fields(node: Node, path: KeyPath, spec: Type) -> dict[str, Node]:
+    """Check a mapping's keys against its section of the schema table; return the keys whose
+    value is not null (null = not given)."""
+    assert spec.section is not None, "fields() takes a section of builder.recipe.schema"
     mapping = expect_map(node, path)
-    allowed = set(allowed)
+    allowed = set(spec.section.names)
     for key in mapping:
         if key not in allowed:
             raise unknown_key(node, path, key, allowed)
     given = {key: value for key, value in mapping.items() if value.value is not None}
-    for key in required:
-        if key not in given:
-            raise err(node, (*path, key), f"`{key}` is required here")
+    for required in spec.section.required:
+        if required.name not in given:
+            raise err(node, (*path, required.name), required.missing or f"`{required.name}` is required here")
     return given
 
 

@@ -6,12 +6,11 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
+from builder.recipe import schema
 from builder.recipe.nodes import KeyPath, Node, _type_error, entry_where, err, expect_bool, expect_str, fields
 
-SSH_HOST_KEYS = ("regenerate", "per-device", "keep")
 # the accounts whose passwords the vendor's docs print (FORMAT.md section 6): name -> password
 VENDOR_PASSWORDS = {"linaro": "linaro", "admin": "admin"}
-MACHINE_ID = ("reset", "keep")
 _ZONE = re.compile(r"[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*")
 _LOCALE = re.compile(r"[A-Za-z]{1,8}(_[A-Za-z0-9]{2,3})?(\.[A-Za-z0-9-]+)?(@[A-Za-z0-9]+)?|C|POSIX")
 _HOST = re.compile(
@@ -23,8 +22,10 @@ _HOST = re.compile(
 class Identity:
     """What makes each box its own: SSH host keys and machine-id (secure by default)."""
 
-    ssh_host_keys: str = "regenerate"  # regenerate | per-device | keep
-    machine_id: str = "reset"  # reset | keep
+    ssh_host_keys: str = schema.default(
+        schema.IDENTITY_KEYS, "ssh_host_keys"
+    )  # regenerate | per-device | keep
+    machine_id: str = schema.default(schema.IDENTITY_KEYS, "machine_id")  # reset | keep
     where: str = "identity (default)"
     explicit: bool = False  # written in the recipe, not the default
 
@@ -61,9 +62,9 @@ def parse_identity(node: Node) -> Identity:
                 "write `identity: keep`, or a mapping {ssh_host_keys: ..., machine_id: ...}",
             )
         return Identity("keep", "keep", entry_where(node, path), explicit=True)
-    given = fields(node, path, ("ssh_host_keys", "machine_id"))
-    keys = _choice(given, path, "ssh_host_keys", SSH_HOST_KEYS, Identity.ssh_host_keys)
-    mid = _choice(given, path, "machine_id", MACHINE_ID, Identity.machine_id)
+    given = fields(node, path, schema.IDENTITY_KEYS)
+    keys = _choice(given, path, "ssh_host_keys", schema.SSH_HOST_KEYS, Identity.ssh_host_keys)
+    mid = _choice(given, path, "machine_id", schema.MACHINE_ID, Identity.machine_id)
     return Identity(keys, mid, entry_where(node, path), explicit=True)
 
 
@@ -78,7 +79,7 @@ def _choice(given: dict[str, Node], path: KeyPath, key: str, options: tuple[str,
 
 def parse_ssh(node: Node) -> SshConfig:
     path: KeyPath = ("ssh",)
-    given = fields(node, path, ("password_authentication", "permit_root_login"))
+    given = fields(node, path, schema.SSH)
     if not given:
         raise err(node, path, "`ssh` sets nothing", "set password_authentication and/or permit_root_login")
     password = (
@@ -93,7 +94,7 @@ def parse_ssh(node: Node) -> SshConfig:
             root = "yes" if value.value else "no"
         else:
             root = expect_str(value, (*path, "permit_root_login"))
-            words = ("yes", "no", "prohibit-password", "forced-commands-only")
+            words = schema.PERMIT_ROOT_LOGIN
             if root not in words:
                 raise err(
                     value,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from builder.recipe import schema
 from builder.recipe.model import User
 from builder.recipe.nodes import (
     KeyPath,
@@ -34,17 +35,7 @@ def parse_users(node: Node) -> tuple[User, ...]:
                 "`password` would put a plaintext password in the recipe",
                 _PLAINTEXT_HINT,
             )
-        keys = (
-            "ssh_authorized_keys",
-            "password_hash",
-            "create",
-            "uid",
-            "groups",
-            "shell",
-            "home",
-            "lock",
-        )
-        given = fields(item, path, keys)
+        given = fields(item, path, schema.USER)
         create = expect_bool(given["create"], (*path, "create")) if "create" in given else False
         if not create:
             for key in ("uid", "shell", "home"):

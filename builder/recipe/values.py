@@ -213,8 +213,6 @@ def freeze(node: Node) -> Any:
 # Inputs: the vendor package, file URLs, app sources and models.
 # ---------------------------------------------------------------------------------------------
 
-_INPUT_KEYS = ("url", "path", "parts", "sha256", "md5", "size")
-
 
 def input_spec(
     node: Node,

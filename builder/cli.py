@@ -516,6 +516,25 @@ def lock(
         click.echo(f"wrote {path} ({len(new.entries)} inputs pinned)")
 
 
+@main.command()
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["json", "markdown"]),
+    default="json",
+    show_default=True,
+    help="json: the recipe's JSON Schema (draft 2020-12); markdown: the README's recipe reference.",
+)
+def schema(fmt: str) -> None:
+    """Print the recipe schema, generated from the table the parser reads its keys from.
+
+    Editors take it through a first line `# yaml-language-server: $schema=...` in the recipe.
+    """
+    from builder.recipe.schemadoc import json_schema_text, reference_markdown
+
+    click.echo(json_schema_text() if fmt == "json" else reference_markdown(), nl=False)
+
+
 @main.group()
 def cache() -> None:
     """Look at or prune the download cache."""

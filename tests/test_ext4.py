@@ -19,6 +19,7 @@ import pytest
 from builder.errors import BuildError
 from builder.fs import ext4
 from builder.fs.ext4 import EditBatch, Ext4Image, FileType
+from builder.fs.ext4.debugfs import _run_debugfs
 
 EPOCH = 1_700_000_000
 
@@ -348,7 +349,7 @@ def test_debugfs_failure_is_an_error_naming_the_path(tmp_path: Path, image: Path
 
 
 def test_marker_ties_each_error_to_its_command(image: Path) -> None:
-    results = ext4._run_debugfs(
+    results = _run_debugfs(
         image, [b"stat <2>", b'cd "/no such dir"', b"stat <11>"], write=False, epoch=None
     )
     assert [bool(r.err) for r in results] == [False, True, False]
@@ -362,7 +363,7 @@ def test_debugfs_open_failure_is_reported(tmp_path: Path) -> None:
     with pytest.raises(BuildError, match="not a readable ext2/3/4 image"):
         Ext4Image(junk).info()
     with pytest.raises(BuildError, match="could not open"):
-        ext4._run_debugfs(junk, [b"stat <2>"], write=False, epoch=None)
+        _run_debugfs(junk, [b"stat <2>"], write=False, epoch=None)
 
 
 @pytest.mark.parametrize("bad", ["/etc/new\nline", "/etc/cr\rname", "relative/path", "/etc/../passwd"])

@@ -13,8 +13,9 @@ import pytest
 import vendor_fixture as vf
 from buildhelp import cli, run_build, write_recipe
 
-from builder.fs import ext4
 from builder.fs.ext4 import Ext4Image
+from builder.fs.ext4 import debugfs as ext4_debugfs
+from builder.fs.ext4 import image as ext4_image
 from builder.package.chunks import join_partition
 from builder.package.flashplan import read_flash_plan
 from builder.package.source import open_package
@@ -54,14 +55,15 @@ def make_image(tmp: Path, size_mb: int = 32) -> Path:
 def count_debugfs(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     """Record every debugfs command line the ext4 module runs (the real tool still runs)."""
     calls: list[list[str]] = []
-    real = ext4.run
+    real = ext4_debugfs.run
 
     def spy(cmd, *a, **kw):  # type: ignore[no-untyped-def]
         if str(cmd[0]) == "debugfs":
             calls.append([str(c) for c in cmd])
         return real(cmd, *a, **kw)
 
-    monkeypatch.setattr(ext4, "run", spy)
+    for module in (ext4_debugfs, ext4_image):  # the modules that run debugfs
+        monkeypatch.setattr(module, "run", spy)
     return calls
 
 
@@ -73,6 +75,7 @@ def test_stat_below_a_missing_folder_costs_no_debugfs_run(
     assert img.stat("/app") is None
     assert img.stat("/etc/hostname") is not None
     runs = len(calls)
+    assert runs > 0, "the spy saw no debugfs run: it patches the wrong module"
     deep = [f"/app/{'/'.join(['d'] * k)}" for k in range(1, 40)]
     assert all(img.stat(p) is None for p in deep)
     assert img.stat("/etc/hostname/x") is None  # below a regular file: "not a directory"

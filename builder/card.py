@@ -24,11 +24,6 @@ What `write_card` does, in this order (nothing on the card changes before step 5
     where the OS allows (O_DIRECT or posix_fadvise(DONTNEED) on Linux, F_NOCACHE on macOS,
     FILE_FLAG_NO_BUFFERING on Windows), so the bytes come from the card, not from memory; on a
     mismatch boot.scr is removed again, so a card that did not keep the bundle is never flashed.
-
-Test hook (private, for the test suite only): when the environment variable named by
-`CORRUPT_HOOK_ENV` holds a file name, that file is damaged on the card (one byte flipped,
-through the filesystem) after the copy and before the read-back, to prove the read-back catches
-a bad card.
 """
 
 from __future__ import annotations
@@ -48,7 +43,6 @@ from pathlib import Path
 from builder.errors import AirboxError
 from builder.events import Reporter
 
-CORRUPT_HOOK_ENV = "_AIRBOX_BUILD_CORRUPT_AFTER_COPY"
 FAT32_MAX_FILE = (4 << 30) - 1
 TRIGGERS = ("boot.scr", "boot.scr.emmc", "boot.scr.sd")  # what makes U-Boot flash from the card
 FIRST_SCRIPT = "boot.scr"
@@ -1093,7 +1087,6 @@ def _write(bundle: Bundle, target: Path, state: CardState, result: WriteResult, 
         _sync_dir(target)
         if hasattr(os, "sync"):
             os.sync()
-    _test_corruption_hook(target)
     with (
         reporter.step("read back", files=len(bundle.sizes)),
         reporter.progress("read back", bundle.total_bytes or 1) as advance,
@@ -1211,21 +1204,6 @@ def _read_back(
         if digest != expected[name]:
             bad.append(name)
     return bad
-
-
-def _test_corruption_hook(target: Path) -> None:
-    name = os.environ.get(CORRUPT_HOOK_ENV)
-    if not name:
-        return
-    path = target / name
-    size = path.stat().st_size
-    with open(path, "r+b") as f:
-        f.seek(size // 2)
-        byte = f.read(1)
-        f.seek(size // 2)
-        f.write(bytes([(byte[0] if byte else 0) ^ 0xFF]))
-        f.flush()
-        os.fsync(f.fileno())
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -19,7 +20,6 @@ import vendor_fixture as vf
 from buildhelp import run_build, same_tree, write_recipe
 
 from builder.card import (
-    CORRUPT_HOOK_ENV,
     CardError,
     Volume,
     WriteOptions,
@@ -73,14 +73,17 @@ class FatCard:
         self.proc.wait(timeout=30)  # fusefat has written everything back when it exits
 
 
-def mount_fat(image: Path, mount: Path, log: Path) -> FatCard:
+def mount_fat(image: Path, mount: Path, log: Path, *, kernel_cache: bool = False) -> FatCard:
+    """`kernel_cache`: the kernel keeps file pages across opens, as for a card in a reader, so a
+    plain buffered read returns what was written even when the medium now holds other bytes."""
     reason = fuse_unavailable()
     if reason:
         pytest.skip(reason)
     mount.mkdir()
+    options = "rw+,kernel_cache" if kernel_cache else "rw+"
     with open(log, "wb") as err:
         proc = subprocess.Popen(
-            ["fusefat", "-f", "-o", "rw+", str(image), str(mount)], stdout=subprocess.DEVNULL, stderr=err
+            ["fusefat", "-f", "-o", options, str(image), str(mount)], stdout=subprocess.DEVNULL, stderr=err
         )
     for _ in range(200):
         if os.path.ismount(mount) or proc.poll() is not None:
@@ -209,14 +212,98 @@ def test_confirmation_is_asked_and_honoured(bundle: Path, fat_card: FatCard) -> 
     assert sorted(os.listdir(fat_card.mount)) == card_names(bundle)
 
 
-def test_forced_mismatch_after_copy_names_the_file(bundle: Path, fat_card: FatCard) -> None:
+def damage_under_the_mount(image: Path, original: bytes) -> None:
+    """Flip a byte of a file's data in the card's backing image, not through the mount: the
+    kernel's cached copy of the file still holds the good bytes."""
+    probe = original[len(original) // 2 : len(original) // 2 + 4096]
+    with open(image, "r+b") as f:
+        data = f.read()
+        at = data.find(probe)
+        assert at > 0 and data.find(probe, at + 1) < 0, "the probe must be found once in the image"
+        f.seek(at + 100)
+        f.write(bytes([data[at + 100] ^ 0xFF]))
+
+
+CORRUPTING_WRITE = """
+import sys
+from pathlib import Path
+
+import builder.card as card
+from builder.cli import run
+
+image, victim, original = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]).read_bytes()
+tests_dir = sys.argv[4]
+sync_dir = card._sync_dir
+
+
+done = []
+
+
+def sync_then_damage(target):
+    sync_dir(target)
+    if done or not (target / victim).exists() or (target / victim).stat().st_size != len(original):
+        return
+    assert (target / victim).read_bytes() == original  # the kernel now caches the good bytes
+    sys.path.insert(0, tests_dir)
+    from test_card import damage_under_the_mount
+
+    damage_under_the_mount(image, original)
+    done.append(victim)
+
+
+card._sync_dir = sync_then_damage
+sys.argv = ["airbox-build", "write", *sys.argv[5:]]
+run()
+"""
+
+
+def test_forced_mismatch_after_copy_names_the_file(bundle: Path, tmp_path: Path) -> None:
+    """The card loses a byte of a chunk after the copy (below the filesystem, where a bad card
+    or reader loses it): the read-back must bypass the cache to see it, name the file, and make
+    the card inert. The damage is done by a wrapper around the CLI, not by the product."""
     victim = next(n for n in card_names(bundle) if n.startswith("rootfs.") and n.endswith(".gz"))
-    res = airbox("write", bundle, fat_card.mount, env={CORRUPT_HOOK_ENV: victim})
-    assert res.returncode == 1
-    assert victim in res.stderr
-    assert "counterfeit" in res.stderr and "reader" in res.stderr
-    # the damaged card is made inert: U-Boot finds no boot.scr
-    assert not (fat_card.mount / "boot.scr").exists()
+    card = mount_fat(
+        make_fat32(tmp_path / "card.img", 64), tmp_path / "mnt", tmp_path / "log", kernel_cache=True
+    )
+    try:
+        script = tmp_path / "corrupting_write.py"
+        script.write_text(CORRUPTING_WRITE)
+        cmd = [sys.executable, script, card.image, victim, bundle / "card" / victim, Path(__file__).parent]
+        cmd += [bundle, card.mount]  # the write's own arguments
+        res = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+        assert res.returncode == 1
+        assert victim in res.stderr
+        assert "counterfeit" in res.stderr and "reader" in res.stderr
+        # the damaged card is made inert: U-Boot finds no boot.scr
+        assert not (card.mount / "boot.scr").exists()
+    finally:
+        card.unmount()
+
+
+def test_verify_reads_the_card_not_the_cache(bundle: Path, tmp_path: Path) -> None:
+    """A card written, then damaged below the filesystem while the kernel still caches the good
+    bytes: a buffered read would call it good; `verify --against` must not."""
+    card = mount_fat(
+        make_fat32(tmp_path / "card.img", 64), tmp_path / "mnt", tmp_path / "log", kernel_cache=True
+    )
+    try:
+        assert airbox("write", bundle, card.mount).returncode == 0
+        victim = next(n for n in card_names(bundle) if n.startswith("data.") and n.endswith(".gz"))
+        original = (bundle / "card" / victim).read_bytes()
+        assert (card.mount / victim).read_bytes() == original  # cached now
+        damage_under_the_mount(card.image, original)
+        assert (card.mount / victim).read_bytes() == original, "the kernel cache must still hold it"
+        res = airbox("verify", card.mount, "--against", bundle)
+        assert res.returncode == 1, res.stdout + res.stderr
+        assert victim in res.stdout + res.stderr
+    finally:
+        card.unmount()
 
 
 def test_card_full_fails_naming_the_file_and_leaves_no_boot_scr(bundle: Path, tmp_path: Path) -> None:
@@ -466,3 +553,48 @@ def test_what_counts_as_a_bundle_file() -> None:
         assert is_bundle_file(name), name
     for name in ("holiday.jpg", "notes.txt", "sub/boot.scr", "rootfs.img"):
         assert not is_bundle_file(name), name
+
+
+def _mtools_volume(image: Path) -> Volume:
+    """What a real FAT volume says of itself, read with mtools (fusefat's statvfs says nothing)."""
+    info = subprocess.run(["minfo", "-i", image, "::"], capture_output=True, text=True, check=True).stdout
+    sector = int(re.search(r"sector size: (\d+) bytes", info)[1])  # type: ignore[index]
+    cluster = int(re.search(r"cluster size: (\d+) sectors", info)[1]) * sector  # type: ignore[index]
+    total = int(re.search(r"big size: (\d+) sectors", info)[1]) * sector  # type: ignore[index]
+    return Volume(image, "FAT32", "vfat", image, None, total, _mtools_free(image), cluster)
+
+
+def _mtools_free(image: Path) -> int:
+    listing = subprocess.run(["mdir", "-i", image, "::"], capture_output=True, text=True, check=True).stdout
+    return int(re.search(r"([\d ]+) bytes free", listing)[1].replace(" ", ""))  # type: ignore[index]
+
+
+def test_space_check_against_a_real_small_fat_volume(bundle: Path, tmp_path: Path) -> None:
+    """The check's cluster arithmetic against what a real FAT32 volume (mkfs.fat, mtools) uses
+    and has free: a bundle that fits is accounted at least at its real cost and at most a few
+    clusters more; one 2 MiB larger than the free space is refused before anything changes."""
+    image = make_fat32(tmp_path / "small.img", 34)
+    b = open_bundle(bundle)
+    vol = _mtools_volume(image)
+    space = check_space(b, compare_card(b, {}), vol)
+    assert space.fits
+    before = _mtools_free(image)
+    subprocess.run(
+        ["mcopy", "-i", image, *[bundle / "card" / n for n in b.sizes], "::/"],
+        check=True,
+        capture_output=True,
+    )
+    used = before - _mtools_free(image)
+    assert used <= space.needed <= used + 4 * vol.cluster_bytes  # type: ignore[operator]
+    assert fsck(image).returncode == 0
+
+    big = tmp_path / "big"
+    shutil.copytree(bundle / "card", big)
+    filler = (vol.free_bytes or 0) - space.needed + (2 << 20)
+    (big / "data.9-of-9.gz").write_bytes(os.urandom(filler))
+    empty = make_fat32(tmp_path / "empty.img", 34)
+    vol = _mtools_volume(empty)
+    over = check_space(open_bundle(big), compare_card(open_bundle(big), {}), vol)
+    assert not over.fits
+    with pytest.raises(CardError, match="nothing was changed"):
+        refuse_no_room(over, vol)

@@ -34,8 +34,8 @@ from builder.card import (
     read_mountinfo,
     write_card,
 )
-from builder.card import _mount_of as mount_of
-from builder.card import _refuse_no_room as refuse_no_room
+from builder.card.volume import _mount_of as mount_of
+from builder.card.write import _refuse_no_room as refuse_no_room
 from builder.events import Reporter
 
 MIB = 1 << 20
@@ -228,7 +228,7 @@ CORRUPTING_WRITE = """
 import sys
 from pathlib import Path
 
-import builder.card as card
+import builder.card.write as card
 from builder.cli import run
 
 image, victim, original = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]).read_bytes()

@@ -32,7 +32,9 @@ from builder.package.chunks import (
     vendor_stat,
 )
 from builder.package.flashplan import SECTOR, FileSet, FlashPlan, PartitionFlash
-from builder.package.layout import LayoutChange, encode_gpt, gpt_from_table, rewrite_partition_xml
+from builder.package.gpt import encode_gpt, gpt_from_table
+from builder.package.layout import LayoutChange
+from builder.package.partxml import rewrite_partition_xml
 from builder.package.scripts import NewChunk, regenerate
 from builder.package.uimage import encode_script
 from builder.pool import worker_pool

@@ -16,20 +16,16 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from builder.errors import BuildError, PackageError
-from builder.package.layout import (
+from builder.package.gpt import Gpt, check_gpt_against_table, decode_gpt, encode_gpt, gpt_from_table
+from builder.package.layout import apply_layout
+from builder.package.partxml import (
     BASIC_DATA_GUID,
     FIRST_PARTITION_SECTOR,
     GPT_BLOB_SIZE,
     KIB,
     SECTOR,
-    Gpt,
     PartitionTable,
-    apply_layout,
-    check_gpt_against_table,
-    decode_gpt,
-    encode_gpt,
     format_partition_xml,
-    gpt_from_table,
     make_table,
     parse_partition_xml,
     rewrite_partition_xml,

@@ -28,7 +28,7 @@ from buildhelp import cli, run_build, write_recipe
 
 from builder.ota import ota_plan, update_files
 from builder.package.flashplan import read_flash_plan
-from builder.package.layout import parse_partition_xml
+from builder.package.partxml import parse_partition_xml
 from builder.package.source import open_package
 
 pytestmark = pytest.mark.slow

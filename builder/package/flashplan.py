@@ -15,13 +15,8 @@ from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
 from builder.errors import PackageError
-from builder.package.layout import (
-    Gpt,
-    PartitionTable,
-    check_gpt_against_table,
-    decode_gpt,
-    parse_partition_xml,
-)
+from builder.package.gpt import Gpt, check_gpt_against_table, decode_gpt
+from builder.package.partxml import PartitionTable, parse_partition_xml
 from builder.package.scripts import ChunkBlock, ParsedScript, parse_script
 from builder.package.uimage import ScriptImage, decode_script
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from builder.customise.bundleid import BUNDLE_ID_PATH, parse
 from builder.errors import PackageError
 from builder.manifest import parse_md5
-from builder.package.layout import GPT_BLOB_SIZE, Gpt, decode_gpt
+from builder.package.gpt import Gpt, decode_gpt
+from builder.package.partxml import GPT_BLOB_SIZE
 from builder.push.ssh import SSH_FAILED, BoxError, Ssh, explain_ssh_failure
 
 PARTIAL = ".partial"  # files on their way, resumed from their size

@@ -11,7 +11,6 @@ import difflib
 import functools
 import hashlib
 import posixpath
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,6 +24,8 @@ from builder.customise.bundleid import (
     encode,
     vendor_digest,
 )
+from builder.customise.changes import SECRET_DIFF, Change, _text_diff, is_secret
+from builder.customise.mounts import FSTAB, REFUSED_MOUNTS, Mount, _parse_fstab
 from builder.digestmemo import DigestMemo
 from builder.errors import BuildError, RecipeError
 from builder.events import Reporter
@@ -45,21 +46,10 @@ ROOTFS = "ROOTFS"
 ROOTFS_RW = "ROOTFS_RW"
 OVERLAY_UPPER = "/overlay"  # upperdir=/media/root-rw/overlay (FORMAT.md section 6)
 OPAQUE = "trusted.overlay.opaque"
-FSTAB = "/etc/fstab.emmc.ro"
 DIFF_MAX = 64 << 10
 IN_PLACE_MAX = 64 << 20  # edits up to this size go into the cached image itself (undo files)
 OVERLAY_ROOM = 1 << 20  # free bytes ROOTFS_RW keeps for the overlay's work folder and first boot
 OVERLAY_INODES = 64
-REFUSED_MOUNTS = ("/boot", "/recovery")
-# Files whose changes the report records without a diff: it would show password hashes.
-SECRET_FILES = frozenset({"/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-"})
-SECRET_DIFF = "(diff redacted: the file holds password hashes or a private key)"
-SECRET_NAME = re.compile(r"/etc/ssh/ssh_host_[a-z0-9]+_key")  # private host keys: never in a diff
-
-
-def is_secret(device_path: str) -> bool:
-    path = posixpath.normpath(device_path)
-    return path in SECRET_FILES or bool(SECRET_NAME.fullmatch(path))
 
 
 @dataclass(frozen=True)
@@ -68,24 +58,6 @@ class Account:
     uid: int
     gid: int
     home: str
-
-
-@dataclass
-class Change:
-    """One line of the build report: what happened to one path."""
-
-    partition: str
-    path: str  # the path inside the partition image
-    device_path: str  # the path as the running box sees it
-    action: str  # added | changed | removed | shadow-removed | opaque-cleared
-    type: str = "file"
-    mode: str | None = None
-    owner: str | None = None
-    size: int | None = None
-    sha256: str | None = None
-    target: str | None = None  # symlinks
-    origin: str = ""
-    diff: str | None = None
 
 
 @dataclass
@@ -108,12 +80,6 @@ class _Link:
     """A symlink a step laid down (its target as written)."""
 
     target: str
-
-
-@dataclass(frozen=True)
-class Mount:
-    point: str
-    label: str
 
 
 class Customiser:
@@ -779,53 +745,3 @@ def _round_up_gib(n: int) -> str:
     if n < gib:
         return f"{-(-n // (1 << 20))}MiB"
     return f"{-(-n // gib)}GiB"
-
-
-def _text_diff(old: bytes, new: bytes, name: str) -> str | None:
-    try:
-        a, b = old.decode("utf-8"), new.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    if a == b:
-        return ""
-    lines = difflib.unified_diff(a.splitlines(True), b.splitlines(True), f"a{name}", f"b{name}")
-    return "".join(lines)
-
-
-def _parse_fstab(text: str, plan: FlashPlan) -> list[Mount]:
-    """Mount points of the eMMC partitions; the overlay root itself is ROOTFS."""
-    by_number = {p.index + 1: p.label for p in plan.partitions}
-    by_label = {p.label.upper(): p.label for p in plan.partitions}
-    by_partuuid = {
-        str(e.unique_guid).lower(): by_number.get(i + 1, "")
-        for i, e in enumerate(getattr(plan.gpt, "entries", ()))
-        if getattr(e, "unique_guid", None) is not None
-    }
-    mounts = []
-    for line in text.splitlines():
-        f = line.split()
-        if len(f) < 2 or f[0].startswith("#"):
-            continue
-        dev, point = f[0], posixpath.normpath(f[1])
-        label = _device_label(dev, by_number, by_label, by_partuuid)
-        if label is None or point == "/":
-            continue
-        if point in ("/media/root-ro",):
-            continue  # the lower layer: device paths under / already go to ROOTFS
-        mounts.append(Mount(point, label))
-    return mounts
-
-
-def _device_label(
-    dev: str, by_number: Mapping[int, str], by_label: Mapping[str, str], by_partuuid: Mapping[str, str]
-) -> str | None:
-    import re
-
-    m = re.fullmatch(r"/dev/mmcblk\d+p(\d+)", dev)
-    if m:
-        return by_number.get(int(m[1]))
-    if dev.startswith("PARTLABEL="):
-        return by_label.get(dev.split("=", 1)[1].strip("\"'").upper())
-    if dev.startswith("PARTUUID="):
-        return by_partuuid.get(dev.split("=", 1)[1].strip("\"'").lower()) or None
-    return None

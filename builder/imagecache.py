@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from builder.cache import file_lock, fsync_path, read_json, try_file_lock, write_json_atomic
 from builder.errors import AirboxError, BuildError
@@ -39,8 +39,7 @@ from builder.package.chunks import (
     join_partition,
     pwrite_sparse,
 )
-from builder.package.flashplan import SECTOR, PartitionFlash
-from builder.package.source import PackageSource
+from builder.package.flashplan import SECTOR, FileSet, PartitionFlash
 from builder.pool import check_cancelled, worker_pool
 
 try:
@@ -77,7 +76,15 @@ class ImageEntry:
     last_used: float
 
 
-def partition_key(files: PackageSource, part: PartitionFlash) -> str:
+class IdentifiedFiles(FileSet, Protocol):
+    """A file set that can name the identity of a member without reading it (PackageSource)."""
+
+    def member_identity(self, name: str) -> list[object]: ...
+
+    def describe(self) -> str: ...
+
+
+def partition_key(files: IdentifiedFiles, part: PartitionFlash) -> str:
     """The identity of a partition's vendor chunks, from their names, places and file identities."""
     ident = {
         "version": IMAGE_CACHE_VERSION,
@@ -107,7 +114,7 @@ class ImageCache:
 
     def open(
         self,
-        files: PackageSource,
+        files: IdentifiedFiles,
         part: PartitionFlash,
         work: Path,
         joining: Callable[[], contextlib.AbstractContextManager[Progress]] | None = None,
@@ -239,7 +246,7 @@ class ImageCache:
         return BaseImage(part.label, key, img, int(meta["size"]), digests, True, _ranges(part))
 
     def _join(
-        self, key: str, files: PackageSource, part: PartitionFlash, progress: Progress | None
+        self, key: str, files: IdentifiedFiles, part: PartitionFlash, progress: Progress | None
     ) -> BaseImage:
         img, meta_path, _ = self._paths(key)
         assert self.root is not None

@@ -319,8 +319,8 @@ def deferred_interrupts() -> Iterator[None]:
             previous[sig] = signal.signal(sig, hold)
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
         if caught:
             _deliver(caught[0], previous.get(caught[0]))
 

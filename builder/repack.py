@@ -23,6 +23,7 @@ from builder.package.chunks import (
     GZIP_WBITS,
     ChunkPool,
     JoinedImage,
+    ZlibError,
     chunk_name_pattern,
     chunk_ranges,
     copy_vendor,
@@ -381,7 +382,7 @@ def _check_copies(files: FileSet, card: Path, names: Sequence[str], md5s: Mappin
     the vendor's md5.txt gives: their digests are computed for the new md5.txt anyway, so a
     chunk damaged in the middle (its gzip frame and size intact) is caught here for free. On a
     mismatch the chunk is decompressed: a bad CRC is an error, an intact one a stale md5.txt."""
-    if MD5_NAME not in files or not md5s:
+    if MD5_NAME not in files.names() or not md5s:
         return
     with files.open(MD5_NAME) as f:
         listed = dict(parse_md5(f.read().decode("utf-8", errors="replace")))
@@ -409,8 +410,8 @@ def _gzip_intact(path: Path, name: str) -> None:
                 while d.unconsumed_tail:
                     d.decompress(d.unconsumed_tail, 4 << 20)
         if not d.eof:
-            raise isal_zlib.error("the gzip stream ends early")
-    except isal_zlib.error as e:
+            raise ZlibError("the gzip stream ends early")
+    except ZlibError as e:
         raise PackageError(
             f"{name} is damaged: its md5 is not the one md5.txt gives, and it does not decompress ({e})",
             where=name,

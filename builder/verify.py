@@ -22,6 +22,7 @@ from builder.ota import ota_plan
 from builder.package.chunks import (
     GZIP_WBITS,
     PIECE,
+    ZlibError,
     default_workers,
     is_fat_safe,
     pwrite_all,
@@ -288,6 +289,7 @@ def _check_and_simulate(
 
         def sink(off: int, data: bytes) -> None:
             if play:
+                assert fd is not None
                 put(fd, data, base + off)
             if wants:
                 ram.capture(i, off, data, wants)
@@ -296,7 +298,7 @@ def _check_and_simulate(
 
         try:
             n = _stream_chunk(files, w.chunk, sink)
-        except (PackageError, isal_zlib.error, OSError) as e:
+        except (PackageError, ZlibError, OSError) as e:
             msg = e.message if isinstance(e, PackageError) else str(e)
             report.fail(w.chunk.file, f"cannot decompress: {msg}")
             return None

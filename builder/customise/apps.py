@@ -229,7 +229,7 @@ def _mkdirs(path: Path) -> None:
 
 
 def _fetched(c: Customiser, spec: InputSpec) -> Path:
-    path = c.fetched.get(spec)
+    path: Path | None = c.fetched.get(spec)
     if path is None:
         raise BuildError(f"input {spec.display} was not fetched", where=spec.where)
     return path

@@ -30,10 +30,10 @@ from builder.digestmemo import DigestMemo
 from builder.errors import BuildError, RecipeError
 from builder.events import Reporter
 from builder.fs.ext4 import EditBatch, Ext4Image, Ext4Info, FileType, Inode, SpaceEstimate
-from builder.imagecache import BaseImage, ImageCache
+from builder.imagecache import BaseImage, IdentifiedFiles, ImageCache
 from builder.manifest import file_digest
 from builder.package.chunks import JoinedImage, default_workers
-from builder.package.flashplan import SECTOR, FileSet, FlashPlan, PartitionFlash
+from builder.package.flashplan import SECTOR, FlashPlan, PartitionFlash
 from builder.previous import EarlierPartition, PreviousBuild, edit_fingerprint
 from builder.recipe import Owner, Recipe
 from builder.run import find_tool
@@ -87,7 +87,7 @@ class Customiser:
         self,
         recipe: Recipe,
         plan: FlashPlan,
-        files: FileSet,
+        files: IdentifiedFiles,
         work: Path,
         epoch: int,
         reporter: Reporter,

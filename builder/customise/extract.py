@@ -46,7 +46,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal, NoReturn
+from typing import IO, Literal, NoReturn
 
 from builder.errors import BuildError
 
@@ -175,7 +175,7 @@ def unpacked_size(archive: Path, *, strip_components: int = 0, block: int = 4096
                 for info in zf.infolist():
                     count(info.filename, 0 if info.is_dir() else info.file_size)
         else:
-            with open(archive, "rb") as raw, tarfile.open(fileobj=raw, mode=_TAR_STREAM_MODE[fmt]) as tar:
+            with open(archive, "rb") as raw, _stream_tar(raw, _TAR_STREAM_MODE[fmt]) as tar:
                 for member in tar:
                     count(member.name, member.size if member.isreg() else 0)
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
@@ -186,8 +186,13 @@ def unpacked_size(archive: Path, *, strip_components: int = 0, block: int = 4096
 # ---------------------------------------------------------------------------- readers
 
 
+def _stream_tar(raw: IO[bytes], mode: str) -> tarfile.TarFile:
+    """A tar archive read as a stream (`r|gz`, `r|xz`, ...: the mode comes from the archive's kind)."""
+    return tarfile.open(fileobj=raw, mode=mode)  # type: ignore[call-overload,no-any-return]
+
+
 def _extract_tar(archive: Path, mode: str, writer: _Writer) -> None:
-    with open(archive, "rb") as raw, tarfile.open(fileobj=raw, mode=mode) as tar:
+    with open(archive, "rb") as raw, _stream_tar(raw, mode) as tar:
         for member in tar:
             name = member.name
             if member.isdir():
@@ -296,7 +301,7 @@ class _Writer:
         self.made[rel] = ExtractedEntry(rel, "dir", perm, dropped_bits=dropped)
         self.checked_dirs.add(rel)
 
-    def file(self, member: str, mode: int, source: BinaryIO, size: int) -> None:
+    def file(self, member: str, mode: int, source: IO[bytes], size: int) -> None:
         rel = self.relpath(member)
         if rel is None:
             return
@@ -475,7 +480,7 @@ def _depth(rel: str) -> int:
     return rel.count("/")
 
 
-def _copy_stream(source: BinaryIO, host: Path) -> int:
+def _copy_stream(source: IO[bytes], host: Path) -> int:
     written = 0
     fd = os.open(host, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
     with os.fdopen(fd, "wb") as out:

@@ -10,6 +10,7 @@ or break every call with a syntax error.
 
 from __future__ import annotations
 
+import builtins
 import functools
 import io
 import logging
@@ -23,7 +24,7 @@ import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from builder.errors import BuildError, PackageError, ToolError
 from builder.run import find_tool, install_hint, require_tools, run
@@ -238,7 +239,7 @@ class FatImage:
         return self._boot
 
     def fs_type(self) -> str:
-        """"FAT12", "FAT16" or "FAT32", from the boot sector."""
+        """ "FAT12", "FAT16" or "FAT32", from the boot sector."""
         return self.boot_sector().fs_type
 
     def label(self) -> str:
@@ -255,7 +256,7 @@ class FatImage:
         text = self._mtools("mdir", "-a", f"::{dirpath}")
         return parse_mdir(text, dirpath)
 
-    def walk(self) -> list[FatEntry]:
+    def walk(self) -> builtins.list[FatEntry]:
         """Every entry of the volume, from one recursive `mdir -/ -a`, sorted by path."""
         self.boot_sector()
         try:
@@ -301,8 +302,13 @@ class FatImage:
             )
         return "/" + rel
 
-    def _mtools(self, tool: str, *args: str, ok_codes: tuple[int, ...] = (0,),
-                extra_env: Mapping[str, str] | None = None) -> str:
+    def _mtools(
+        self,
+        tool: str,
+        *args: str,
+        ok_codes: tuple[int, ...] = (0,),
+        extra_env: Mapping[str, str] | None = None,
+    ) -> str:
         proc = run(
             [tool, "-i", self.spec, *args],
             env=mtools_env(extra_env),
@@ -331,7 +337,7 @@ class _ToolReader(io.RawIOBase):
 
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         assert self._proc.stdout is not None
-        n = self._proc.stdout.readinto(buffer)
+        n: int = cast(io.BufferedReader, self._proc.stdout).readinto(buffer)
         if n == 0 and len(buffer) > 0 and not self._eof:
             self._eof = True
             self._check_exit()

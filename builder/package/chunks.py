@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from isal import isal_zlib
 
@@ -23,6 +23,9 @@ from builder.errors import PackageError
 from builder.package.flashplan import CHUNK_NAME, SECTOR, FileSet, PartitionFlash
 from builder.package.scripts import NewChunk
 from builder.pool import check_cancelled, worker_pool
+
+# isal declares its error loosely for type checkers: this is the exception class it raises
+ZlibError = cast("type[Exception]", isal_zlib.error)
 
 PIECE = 4 << 20
 GZIP_WBITS = 31  # gzip container: header with mtime 0, no name
@@ -96,7 +99,7 @@ def _decompress_chunk(
                         where=name,
                         hint="copy or download the package again",
                     )
-    except isal_zlib.error as e:
+    except ZlibError as e:
         raise PackageError(f"{name} is not valid gzip data: {e}", where=name) from None
     if expected is not None and written != expected:
         raise PackageError(
@@ -138,7 +141,7 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
         _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-    return _libc.fallocate(fd, 0x02 | 0x01, offset, length) == 0
+    return bool(_libc.fallocate(fd, 0x02 | 0x01, offset, length) == 0)
 
 
 def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:

@@ -21,6 +21,7 @@ import struct
 import uuid
 import zlib
 from dataclasses import dataclass, field
+from typing import Any
 
 from builder.errors import BuildError, PackageError
 from builder.package.partxml import (
@@ -169,7 +170,7 @@ def _check_protective_mbr(mbr: bytes, where: str) -> None:
         )
 
 
-def _decode_header(sector: bytes, where: str) -> dict:
+def _decode_header(sector: bytes, where: str) -> dict[str, Any]:
     fields = _HEADER.unpack_from(sector)
     (signature, revision, header_size, header_crc, reserved1, my_lba, alternate_lba) = fields[:7]
     (first_usable, last_usable, disk_guid, entries_lba, entry_count, entry_size, entries_crc) = fields[7:]

@@ -150,7 +150,7 @@ def scan_zip(path: Path, looks_like_tar: Sniff, looks_like_disk: Sniff) -> list[
                 if kind.startswith("tar") and not tar_holds_file_set(f, kind):  # type: ignore[arg-type]
                     continue
                 if kind == "zip":
-                    with zipfile.ZipFile(f) as inner:  # type: ignore[arg-type]
+                    with zipfile.ZipFile(f) as inner:
                         if not names_hold_file_set(inner.namelist()):
                             continue
             out.append(Candidate(info.filename, kind))

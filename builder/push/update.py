@@ -213,7 +213,12 @@ def _send(
         src = _open(f)
         with src:
             src.seek(have)
-            proc = ssh.append(src, remote, f.size, lambda n, base=done: progress(base + n))
+            base = done
+
+            def sent(n: int, base: int = base) -> None:
+                progress(base + n)
+
+            proc = ssh.append(src, remote, f.size, sent)
         if proc.returncode == SSH_FAILED:
             raise explain_ssh_failure(ssh.target, proc.stderr, ssh.known_hosts)
         if proc.returncode != 0:

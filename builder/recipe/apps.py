@@ -73,7 +73,7 @@ def _app(name: str, node: Node, parent: Node, check: bool) -> App:
         strip = _strip(source_fields, source_path)
         source = AppSource(spec, strip, entry_where(source_node, source_path))
     models = _models(name, given["models"], (*path, "models"), check) if "models" in given else ()
-    dirs = ()
+    dirs: tuple[str, ...] = ()
     if "dirs" in given:
         dirs = tuple(
             inner_path(d, (*path, "dirs", i))
@@ -218,7 +218,7 @@ def _app_service(app: str, node: Node, path: KeyPath) -> AppService:
             if "\n" in text:
                 raise err(value, (*env_path, key), "an environment value cannot span lines")
             environment[key] = text
-    after = ()
+    after: tuple[str, ...] = ()
     if "after" in given:
         after = tuple(
             unit_name(u, (*path, "after", i))

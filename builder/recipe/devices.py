@@ -62,8 +62,8 @@ def parse_devices(
         if not item.is_map:
             raise _type_error(item, item_path, "a mapping with at least `name`")
         for key in item.value:
-            if key not in schema.DEVICE.section.names:
-                raise unknown_key(item, item_path, key, schema.DEVICE.section.names)
+            if key not in schema.keys_of(schema.DEVICE).names:
+                raise unknown_key(item, item_path, key, schema.keys_of(schema.DEVICE).names)
         if "name" not in item.value or item.value["name"].value is None:
             raise err(item, (*item_path, "name"), "every device needs a `name`", "e.g. name: site-a")
         name_node = item.value["name"]

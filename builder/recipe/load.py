@@ -227,7 +227,8 @@ class _RecipeParser:
     @staticmethod
     def vars(node: Node) -> Mapping[str, Any]:
         expect_map(node, ("vars",))
-        return freeze(node)
+        frozen: Mapping[str, Any] = freeze(node)
+        return frozen
 
     def hostname(self, node: Node) -> str:
         text = expect_str(node, ("hostname",))

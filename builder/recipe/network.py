@@ -234,7 +234,7 @@ def _interface(ident: str, node: Node, path: KeyPath, group: Node, kind: str) ->
             )
         set_name = expect_str(given["set-name"], (*path, "set-name"))
         _interface_name(set_name, given["set-name"], (*path, "set-name"), "interface name")
-    flags = {
+    flags: dict[str, bool] = {
         key: expect_bool(given[key], (*path, key)) for key in ("dhcp4", "dhcp6", "optional") if key in given
     }
     addresses: list[IPInterface] = []
@@ -252,7 +252,7 @@ def _interface(ident: str, node: Node, path: KeyPath, group: Node, kind: str) ->
                 gateway, given[key], (*path, key), ident, addresses, flags.get(f"dhcp{version}", False)
             )
             gateways[key] = str(gateway)
-    routes = ()
+    routes: tuple[Route, ...] = ()
     if "routes" in given:
         routes = tuple(
             _route(item, (*path, "routes", i), ident, addresses, flags)

@@ -126,7 +126,7 @@ class _Converter:
                 raise err(mark, path, f"the YAML tag {ynode.tag} is not supported here", "remove the tag")
             items = [self.convert(child, (*path, i), inner) for i, child in enumerate(ynode.value)]
             return Node(items, mark)
-        if ynode.tag != _MAP_TAG:
+        if ynode.tag != _MAP_TAG or not isinstance(ynode, yaml.MappingNode):
             raise err(mark, path, f"the YAML tag {ynode.tag} is not supported here", "remove the tag")
         return self.mapping(ynode, mark, path, inner)
 
@@ -277,14 +277,16 @@ def _type_hint(node: Node, path: KeyPath, expected: str) -> str:
 def expect_map(node: Node, path: KeyPath) -> dict[str, Node]:
     if not node.is_map:
         raise _type_error(node, path, "a mapping (key: value lines)")
-    return node.value
+    mapping: dict[str, Node] = node.value
+    return mapping
 
 
 def expect_list(node: Node, path: KeyPath) -> list[Node]:
     if not node.is_list:
         hint = "write a list: [a, b] or one `- item` per line" if not node.is_map else None
         raise _type_error(node, path, "a list", hint)
-    return node.value
+    items: list[Node] = node.value
+    return items
 
 
 def expect_str(node: Node, path: KeyPath, *, allow_empty: bool = False) -> str:

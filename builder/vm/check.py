@@ -131,7 +131,7 @@ def _made_on_first_boot(change: Mapping[str, Any]) -> bool:
     if "identity" not in change.get("origin", ""):
         return False
     path = change["device_path"]
-    return path == "/etc/machine-id" or (
+    return bool(path == "/etc/machine-id") or (
         change["action"] == "removed" and path.startswith("/etc/ssh/ssh_host_")
     )
 

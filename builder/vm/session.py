@@ -82,7 +82,7 @@ def _vendor_path(bundle: machine.Bundle, given: Path | None, opts: FetchOptions)
         return Path(inp)
     sha = base.get("sha256")
     if sha:
-        cand = opts.cache_dir / "sha256" / sha[:2] / sha
+        cand = Path(opts.cache_dir) / "sha256" / str(sha)[:2] / str(sha)
         if cand.exists():
             return cand
     return None

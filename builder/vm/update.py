@@ -19,7 +19,7 @@ from builder.errors import AirboxError
 from builder.fs.ext4 import EditBatch, Ext4Image
 from builder.ota import ota_plan, update_files
 from builder.package.chunks import pwrite_over
-from builder.package.flashplan import SECTOR, read_flash_plan
+from builder.package.flashplan import SECTOR, FileSet, read_flash_plan
 from builder.package.source import open_package
 from builder.push.box import layout_differences
 from builder.units import format_size
@@ -97,7 +97,7 @@ def _refuse(report: object, what: str) -> None:
 
 
 def _place(
-    image: Path, offset: int, size: int, files: object, changed: dict[str, bytes], work: Path, epoch: int
+    image: Path, offset: int, size: int, files: FileSet, changed: dict[str, bytes], work: Path, epoch: int
 ) -> None:
     """The partition's filesystem grown to the whole partition (the box's first boot does that),
     then the bundle (with the update's own scripts) in OTA_FOLDER, as push leaves it."""
@@ -106,8 +106,8 @@ def _place(
     cut = cut_area(image, offset * SECTOR, size * SECTOR, work / "holding.img")
     fs = Ext4Image(cut, epoch=epoch)
     info = fs.grow_to(size * SECTOR)
-    names = files.names()  # type: ignore[attr-defined]
-    need = sum(len(changed[n]) if n in changed else files.size(n) for n in names)  # type: ignore[attr-defined]
+    names = files.names()
+    need = sum(len(changed[n]) if n in changed else files.size(n) for n in names)
     free = info.free_blocks * info.block_size
     if need + (4 << 20) > free:
         raise VMError(

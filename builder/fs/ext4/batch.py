@@ -16,7 +16,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from builder.errors import BuildError
 from builder.fs.ext4.debugfs import (
@@ -74,7 +74,7 @@ class EditBatch:
         self.epoch = epoch
         self._ops: list[_Op] = []
         self._staging: Path | None = None
-        self._cleanup: weakref.finalize | None = None
+        self._cleanup: weakref.finalize[Any, Any] | None = None
         self._staged = 0
         self._applied = False
 
@@ -447,7 +447,8 @@ def _edit_error(image: Path, commands: list[_Cmd], results: list[_Result], faile
 def _sorted_walk(top: Path) -> Iterator[tuple[str, list[str], list[str]]]:
     """os.walk with a byte-wise sorted, deterministic order; symlinks to dirs are files here."""
     for root, dirnames, filenames in os.walk(top):
-        real_dirs, others = [], list(filenames)
+        real_dirs: list[str] = []
+        others = list(filenames)
         for d in dirnames:
             (others if os.path.islink(os.path.join(root, d)) else real_dirs).append(d)
         real_dirs.sort(key=os.fsencode)

@@ -295,7 +295,8 @@ _MARK_ERR = re.compile(rb"^debugfs: Command not found " + re.escape(_MARK) + rb"
 def _split_stdout(lines: list[bytes], commands: Sequence[bytes], image: Path) -> list[list[bytes]]:
     """Cut stdout at the echoed command lines (`debugfs: <line>`) and the markers."""
     blocks: list[list[bytes]] = []
-    k, current = -1, None
+    k = -1
+    current: list[bytes] | None = None
     for line in lines:
         if k + 1 < len(commands) and line == b"debugfs: " + commands[k + 1]:
             k += 1

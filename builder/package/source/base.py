@@ -14,7 +14,7 @@ import zipfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, cast
 
 from builder.errors import PackageError
 from builder.package import release
@@ -70,7 +70,7 @@ def _decompress_errors() -> tuple[type[BaseException], ...]:
     with contextlib.suppress(ImportError):
         from isal.igzip_lib import IsalError
 
-        errors.append(IsalError)
+        errors.append(cast("type[BaseException]", IsalError))
     return tuple(errors)
 
 
@@ -98,7 +98,7 @@ def is_os_junk(name: str) -> bool:
 class _GuardedReader(io.RawIOBase):
     """Turns the decompression errors of a member stream into PackageError naming the member."""
 
-    def __init__(self, inner: BinaryIO, what: str, where: str) -> None:
+    def __init__(self, inner: IO[bytes], what: str, where: str) -> None:
         self._inner = inner
         self._what = what
         self._where = where

@@ -328,4 +328,4 @@ def _zip_data_offset(path: Path, info: zipfile.ZipInfo) -> int:
     if len(header) < 30 or header[:4] != b"PK\x03\x04":
         raise PackageError(f"damaged local header of {info.filename}", where=str(path))
     name_len, extra_len = struct.unpack_from("<HH", header, 26)
-    return info.header_offset + 30 + name_len + extra_len
+    return int(info.header_offset + 30 + name_len + extra_len)

@@ -11,7 +11,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 from builder.errors import PackageError
 from builder.package.source.base import _COPY_BLOCK, _FICLONE, _SPARSE_BLOCK, _damaged, _is_data_error
@@ -77,7 +77,7 @@ def _read_checked(src: BinaryIO, n: int, where: str) -> bytes:
         raise
 
 
-def _copy_stream(src: BinaryIO, out: BinaryIO) -> None:
+def _copy_stream(src: IO[bytes], out: IO[bytes]) -> None:
     shutil.copyfileobj(src, out, _COPY_BLOCK)
 
 

@@ -6,7 +6,7 @@ import bz2
 import gzip
 import lzma
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from builder.errors import PackageError
 from builder.fs.fat import parse_boot_sector, probe_filesystem
@@ -116,7 +116,7 @@ def _open_decompressed(path: Path, comp: str | None) -> BinaryIO:
         try:
             from isal import igzip  # several times faster than zlib
 
-            return igzip.open(path, "rb")  # type: ignore[return-value]
+            return cast(BinaryIO, igzip.open(path, "rb"))
         except ImportError:
             return gzip.open(path, "rb")  # type: ignore[return-value]
     if comp == "xz":

@@ -12,6 +12,10 @@
 from __future__ import annotations
 
 import itertools
+import os
+import shutil
+import subprocess
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,6 +35,70 @@ settings.register_profile(
     ],
 )
 settings.load_profile("airbox")
+
+# ---------------------------------------------------------------------------------------------
+# Clean runs: the suite leaves nothing behind.
+#
+# Every process of the run (the test workers, the builds and tools they start) gets its own
+# $TMPDIR, a fresh folder; pytest's own tmp_path folders stay where they always are. At the end
+# that folder must be empty, and the checkout must hold no file it did not hold before: else the
+# run fails, naming what was left. (Set AIRBOX_TESTS_KEEP_TMP=1 to keep leftovers for a look.)
+
+_REPO = Path(__file__).resolve().parent.parent
+_IGNORED = (".venv/", ".pytest_cache/", ".mypy_cache/", ".ruff_cache/", ".hypothesis/", "__pycache__/")
+_SESSION_TMP = "AIRBOX_TESTS_TMPDIR"
+
+
+def _checkout_files() -> set[str] | None:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(_REPO), "status", "--porcelain", "--untracked-files=all", "--ignored"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None  # not a git checkout: nothing to compare
+    names = {line[3:] for line in out.splitlines() if line[:2] in ("??", "!!")}
+    return {n for n in names if not any(part in n for part in _IGNORED) and not n.endswith(".pyc")}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if hasattr(config, "workerinput") or os.environ.get(_SESSION_TMP):
+        return  # an xdist worker: the controller set $TMPDIR for every process already
+    root = tempfile.gettempdir()
+    os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", root)  # tmp_path folders stay in the usual place
+    session_tmp = tempfile.mkdtemp(prefix="airbox-tests-", dir=root)
+    os.environ[_SESSION_TMP] = os.environ["TMPDIR"] = session_tmp
+    tempfile.tempdir = None  # re-read $TMPDIR
+    config.stash[_checkout_key] = _checkout_files()
+
+
+_checkout_key = pytest.StashKey[set[str] | None]()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    config = session.config
+    if hasattr(config, "workerinput") or _checkout_key not in config.stash:
+        return
+    problems = []
+    session_tmp = Path(os.environ[_SESSION_TMP])
+    left = sorted(p.name for p in session_tmp.iterdir()) if session_tmp.is_dir() else []
+    if left:
+        problems.append(f"left in the temp dir ({session_tmp}): {', '.join(left[:20])}")
+    before = config.stash[_checkout_key]
+    after = _checkout_files()
+    if before is not None and after is not None and after - before:
+        problems.append(f"new files in the checkout: {', '.join(sorted(after - before)[:20])}")
+    if not os.environ.get("AIRBOX_TESTS_KEEP_TMP"):
+        shutil.rmtree(session_tmp, ignore_errors=True)
+    if problems:
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        for problem in problems:
+            if reporter is not None:
+                reporter.write_line(f"CLEAN RUN CHECK FAILED: {problem}", red=True)
+        if session.exitstatus == 0:
+            session.exitstatus = 1
 
 
 @pytest.fixture(scope="session")

@@ -357,6 +357,15 @@ def test_overlay_dir_symlink_is_laid_down_not_followed(vendor_package_session, t
         text=True,
     )
     assert "not found" in r.stderr or "secret" not in r.stdout
+    # nothing of the host file reached any partition
+    images = sorted(parts.glob("*.img"))
+    assert images
+    for image in images:
+        with open(image, "rb") as f:
+            tail = b""
+            while block := f.read(1 << 20):
+                assert b"host secret" not in tail + block, image
+                tail = block[-16:]
 
 
 def test_recompressed_chunks_are_deterministic_gzip(full_build) -> None:  # type: ignore[no-untyped-def]
@@ -365,7 +374,10 @@ def test_recompressed_chunks_are_deterministic_gzip(full_build) -> None:  # type
     for gz in res.card.glob("*.gz"):
         raw = gz.read_bytes()
         if raw not in vendor:
-            assert raw[:10] == bytes.fromhex("1f8b0800000000000" + "0ff")[:10] or raw[4:8] == b"\0\0\0\0"
+            # gzip, deflate, no flags (so no file name), mtime 0, OS "unknown": the same bytes anywhere
+            assert raw[:4] == b"\x1f\x8b\x08\x00" and raw[4:8] == b"\0\0\0\0" and raw[9] == 0xFF, raw[
+                :10
+            ].hex()
             gzip.decompress(raw)
 
 
@@ -454,3 +466,32 @@ def test_a_unit_linked_by_an_overlay_can_be_enabled(vendor_package_session, tmp_
     wants = "/etc/systemd/system/multi-user.target.wants/hello.service"
     assert stat(parts / "ROOTFS.img", wants)["type"] == "symlink"
     assert cat(parts / "ROOTFS.img", "/usr/local/lib/hello/hello.service") == unit.encode()
+
+
+def test_a_vendor_unit_not_enabled_in_the_image_gets_its_links(
+    vendor_package_session, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """services.enable on a unit the image ships but does not enable: the link `systemctl enable`
+    makes (WantedBy=sysinit.target) appears, pointing at the vendor's unit file."""
+    recipe = write_recipe(
+        tmp_path / "r",
+        vendor_package_session.dir,
+        name="enable",
+        services={"enable": ["systemd-timesyncd.service"]},
+    )
+    wants = "/etc/systemd/system/sysinit.target.wants/systemd-timesyncd.service"
+    before = subprocess.run(
+        ["debugfs", "-R", f"stat {wants}", str(vendor_package_session.partition("ROOTFS").image)],
+        capture_output=True,
+        text=True,
+    )
+    assert "File not found" in before.stderr  # not enabled in the vendor image
+    res = run_build(recipe, tmp_path / "out", tmp_path / "cache")
+    parts = simulate(res.out_dir, tmp_path)
+    assert stat(parts / "ROOTFS.img", wants)["type"] == "symlink"
+    r = subprocess.run(
+        ["debugfs", "-R", f"stat {wants}", str(parts / "ROOTFS.img")], capture_output=True, text=True
+    )
+    assert '"/lib/systemd/system/systemd-timesyncd.service"' in r.stdout
+    added = [c for c in res.report["changes"] if c["device_path"] == wants]
+    assert added and added[0]["action"] == "added"

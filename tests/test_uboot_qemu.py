@@ -430,6 +430,50 @@ def test_real_uboot_flashes_an_edited_bundle_exactly_as_verify_simulates(
         assert differing_ranges(extracted, parts[label], parts[label].stat().st_size) == [], label
 
 
+def test_real_uboot_flashes_the_full_recipes_own_card_image_as_verify_simulates(
+    uboot_bin: Path, vendor_package: vf.MiniPackage, tmp_path: Path
+) -> None:
+    """Every customisation a recipe can make (test_customise's full recipe: files in every
+    partition, the overlay layer, users, netplan, apt, pip, services, removals), built with its
+    card image (`<name>.img`, output.image), and that very image given to the real U-Boot as
+    the SD card: the eMMC it writes equals `verify --simulate` byte for byte, and every ext4
+    partition is fsck-clean with the recipe's files in it."""
+    from test_customise import full_recipe
+
+    res = run_build(
+        full_recipe(tmp_path / "r", vendor_package.dir), tmp_path / "out", tmp_path / "cache", image=True
+    )
+    (artifact,) = [a for a in res.artifacts if a.kind == "image"]
+    card_image = tmp_path / "sd.img"
+    shutil.copyfile(res.out_dir / artifact.name, card_image)  # QEMU opens it read-write
+    # written to a card, as `dd` or a card writer would: the card is larger than the image (and
+    # QEMU's SD model takes power-of-two sizes only)
+    os.truncate(card_image, uboot.power_of_two_at_least(card_image.stat().st_size))
+    table = parse_partition_xml((res.card / "partition32G.xml").read_text(), "partition32G.xml")
+    work = tmp_path / "qemu"
+    work.mkdir()
+    emmc = uboot.make_sparse(work / "emmc.img", uboot.power_of_two_at_least(table.disk_bytes))
+    env = uboot.make_env_image(work / "env.bin", uboot.flash_env("boot_emmc.scr"))
+    run = uboot.run_qemu(uboot_bin, env, emmc, card_image, timeout=QEMU_TIMEOUT, log=work / "qemu.log")
+    assert_u_boot_finished(run, work / "qemu.log")
+    assert logged_writes(run.log) == scripted_writes(res.card)
+
+    sim = tmp_path / "sim.img"
+    out = cli("verify", res.out_dir, "--simulate", sim, "--extract", tmp_path / "sim-parts")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert differing_ranges(sim, emmc, table.disk_bytes) == [], "verify --simulate and U-Boot disagree"
+    assert first_nonzero(emmc, table.disk_bytes, emmc.stat().st_size) is None
+    parts = {}
+    for p in table.partitions:
+        parts[p.label] = cut(emmc, p.offset_sectors, p.size_sectors, work / f"{p.label}.img")
+        if p.fmt == vf.FMT_EXT4 and p.label in ("ROOTFS", "ROOTFS_RW", "OPT", "DATA"):
+            check_ext4(parts[p.label])
+    assert file_of(parts["ROOTFS"], "/etc/motd", work) == b"Welcome to full\n"
+    assert file_of(parts["ROOTFS"], "/etc/hostname", work) == b"airbox-01\n"
+    assert file_of(parts["DATA"], "/hello.txt", work) == b"hi\n"
+    assert file_of(parts["ROOTFS_RW"], "/overlay/etc/profile.d/x.sh", work) == b"export X=1\n"
+
+
 LAYOUT_GROW = {"ROOTFS_RW": 20 << 20}
 
 

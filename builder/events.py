@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from tqdm import tqdm
 
-from builder.pool import Cancelled, cancelled
 from builder.redact import redact_data, redact_text
 
-STALL_ENV = "_AIRBOX_BUILD_STALL_AT"  # private test hook, see checkpoint()
+_observers: list[Callable[[str], None]] = []  # see checkpoint()
 
 
 @dataclass
@@ -109,24 +107,22 @@ class Reporter:
                 bar.close()
 
 
+def observe_checkpoints(observer: Callable[[str], None]) -> Callable[[], None]:
+    """Call `observer(point)` at every checkpoint from now on; returns what removes it."""
+    _observers.append(observer)
+    return lambda: _observers.remove(observer)
+
+
 def checkpoint(point: str) -> None:
-    """A private test hook: with _AIRBOX_BUILD_STALL_AT=<point>, stop at that point until killed.
+    """A named point of a build that others may observe (none do by default).
 
     Points: `step:<name>` (a step has just started), `progress:<label>:<k>` (the k-th piece of
     work of a progress bar is done, in whatever worker thread did it), `replace` (the new bundle
     is complete, about to take the old one's place), `replace-between` (between the two renames
-    of builder.outdir.replace_dir's fallback, where Ctrl-C is held: SIGKILL only). The hook
-    prints `{"event": "stalled", "at": point}` on stdout and waits there: on the main thread
-    until a signal interrupts it, in a worker until its pool is cancelled. The interruption
-    tests use it to kill a build at an exact point.
+    of builder.outdir.replace_dir's fallback, where Ctrl-C is held: SIGKILL only),
+    `device:<name>` (a fleet device is about to be built), `push:sent:<k>` (push has sent its
+    k-th file). The interruption tests observe them to kill a run at an exact point
+    (tests/hooks/sitecustomize.py).
     """
-    if os.environ.get(STALL_ENV) != point:
-        return
-    sys.stdout.write(json.dumps({"event": "stalled", "at": point}) + "\n")
-    sys.stdout.flush()
-    main = threading.main_thread()
-    on_main = threading.current_thread() is main
-    while True:
-        if not on_main and (cancelled() or not main.is_alive()):
-            raise Cancelled
-        time.sleep(0.01)
+    for observer in list(_observers):
+        observer(point)

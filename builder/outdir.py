@@ -47,7 +47,6 @@ except ImportError:  # pragma: no cover - Windows: no lock, stale folders are st
 PID_FILE = "pid"
 RESULT = "result"
 PREVIOUS = "previous"
-NO_EXCHANGE_ENV = "_AIRBOX_BUILD_NO_EXCHANGE"  # private test hook: take the two-rename path
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
@@ -125,7 +124,7 @@ def replace_dir(tmp: Path, final: Path) -> None:
 
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-    if not sys.platform.startswith("linux") or os.environ.get(NO_EXCHANGE_ENV):
+    if not sys.platform.startswith("linux"):
         return False
     try:
         fn = ctypes.CDLL(None, use_errno=True).renameat2

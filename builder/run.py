@@ -54,7 +54,6 @@ FALLBACK_DIRS = (
     "/opt/homebrew/opt/e2fsprogs/sbin",
     "/usr/local/opt/e2fsprogs/sbin",
 )
-TOOL_DIRS_ENV = "_AIRBOX_BUILD_TOOL_DIRS"  # private test hook: the fallback dirs (os.pathsep list)
 
 
 def install_hint(missing: Sequence[str]) -> str:
@@ -73,10 +72,7 @@ def require_tools(*tools: str) -> None:
 
 
 def _fallback_dirs() -> tuple[str, ...]:
-    value = os.environ.get(TOOL_DIRS_ENV)
-    if value is None:
-        return FALLBACK_DIRS
-    return tuple(d for d in value.split(os.pathsep) if d)
+    return FALLBACK_DIRS
 
 
 def find_tool(name: str) -> str | None:

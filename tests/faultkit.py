@@ -6,7 +6,7 @@
   and the release zip. Every input is copied into `folder` and named by a relative path, so the
   folder can be copied elsewhere and built again.
 - `start_cli(...)` / `StoppedBuild`: the real CLI as a subprocess (`--json`), optionally stalled
-  at an exact point (`_AIRBOX_BUILD_STALL_AT`, see builder.events.checkpoint) to be signalled.
+  at an exact point (`_AIRBOX_BUILD_STALL_AT`, see hooks/sitecustomize.py) to be signalled.
 - `bundle_digests`, `compare_bundles`: what a bundle is, file by file (sha256), minus the report.
 - `cache_problems`: every cache entry that looks complete but is not.
 """
@@ -128,13 +128,23 @@ def write_rich_recipe(folder: Path, base: Mapping[str, Any], blob_url: str, **ov
 # ---------------------------------------------------------------------------------------- the CLI
 
 
+HOOKS = Path(__file__).resolve().parent / "hooks"  # the fault hooks, see hooks/sitecustomize.py
+
+
+def with_hooks(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` with the test suite's fault hooks on PYTHONPATH (the product has none)."""
+    out = dict(env)
+    out["PYTHONPATH"] = os.pathsep.join(p for p in (str(HOOKS), out.get("PYTHONPATH", "")) if p)
+    return out
+
+
 def cli_env(tmpdir: Path, **extra: str) -> dict[str, str]:
     """The environment of a build subprocess: its own TMPDIR (checked for leftovers)."""
     tmpdir.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("_AIRBOX_BUILD_")}
     env.pop("SOURCE_DATE_EPOCH", None)
     env.update(TMPDIR=str(tmpdir), PYTHONUNBUFFERED="1", **extra)
-    return env
+    return with_hooks(env)
 
 
 def build_args(recipe: Path, out: Path, cache: Path, *more: str | Path) -> list[str]:
@@ -209,7 +219,7 @@ class StoppedBuild:
 
 
 def start_cli(args: Sequence[str], env: Mapping[str, str], stall_at: str | None = None) -> StoppedBuild:
-    env = dict(env)
+    env = with_hooks(env)
     if stall_at is not None:
         env["_AIRBOX_BUILD_STALL_AT"] = stall_at
     proc = subprocess.Popen(

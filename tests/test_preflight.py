@@ -9,16 +9,18 @@ from pathlib import Path
 import pytest
 import vendor_fixture as vf
 from buildhelp import cli, write_recipe
+from faultkit import with_hooks
 from httpserver import LocalHTTPServer
 from test_card import make_fat32, mount_fat
 
+import builder.run
 from builder.preflight import (
     case_insensitive_problem,
     check_output_filesystem,
     mode_problem,
     posix_problem,
 )
-from builder.run import BUILD_TOOLS, TOOL_DIRS_ENV, find_tool
+from builder.run import BUILD_TOOLS, find_tool
 
 OLD_DEBUGFS = """#!/bin/sh
 # what e2fsprogs 1.44.1 (Ubuntu 18.04) prints
@@ -53,7 +55,7 @@ def tool_dir(folder: Path, *, without: str = "", fakes: dict[str, str] | None = 
 
 
 def build_with_path(recipe: Path, tmp_path: Path, path: Path) -> object:
-    env = {"PATH": str(path), TOOL_DIRS_ENV: ""}
+    env = with_hooks({"PATH": str(path), "_AIRBOX_BUILD_TOOL_DIRS": ""})  # no /usr/sbin fallback
     return cli("build", recipe, "-o", tmp_path / "out", "--cache-dir", tmp_path / "cache", env=env)
 
 
@@ -84,9 +86,9 @@ def test_every_missing_tool_is_named_with_its_package(served_base, tmp_path: Pat
 def test_fallback_dirs_find_tools_missing_from_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sbin = tool_dir(tmp_path / "sbin")
     monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
-    monkeypatch.setenv(TOOL_DIRS_ENV, str(sbin))
+    monkeypatch.setattr(builder.run, "FALLBACK_DIRS", (str(sbin),))
     assert find_tool("debugfs") == str(sbin / "debugfs")
-    monkeypatch.setenv(TOOL_DIRS_ENV, "")
+    monkeypatch.setattr(builder.run, "FALLBACK_DIRS", ())
     assert find_tool("debugfs") is None
 
 

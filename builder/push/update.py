@@ -226,7 +226,7 @@ def _send(
             raise BoxError(f"box {ssh.target.label}: writing {remote} failed: {err or proc.returncode}")
         done += f.size - have
         transferred += f.size - have
-        checkpoint(f"push:sent:{sends.index(f) + 1}")  # test hook: a transfer killed here resumes
+        checkpoint(f"push:sent:{sends.index(f) + 1}")  # a transfer killed here resumes
     if sends:
         names = " ".join(shlex.quote(f.name) for f in sends)
         out = run_checked(

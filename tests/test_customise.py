@@ -495,3 +495,86 @@ def test_a_vendor_unit_not_enabled_in_the_image_gets_its_links(
     assert '"/lib/systemd/system/systemd-timesyncd.service"' in r.stdout
     added = [c for c in res.report["changes"] if c["device_path"] == wants]
     assert added and added[0]["action"] == "added"
+
+
+# ---------------------------------------------------------------------------------------------
+# Found by mutation testing (scripts/mutants.py): each test fails on a mutant that survived.
+
+
+def test_netplan_defaults_renderer_and_optional(full_build) -> None:  # type: ignore[no-untyped-def]
+    """An ethernet the recipe leaves `optional` unset is written optional (the vendor's bm_set_ip
+    edits the range up to `optional`), and the renderer is networkd unless the recipe says."""
+    import yaml
+
+    _res, parts, _pkg = full_build
+    doc = yaml.safe_load(cat(parts / "ROOTFS.img", "/etc/netplan/01-netcfg.yaml"))["network"]
+    assert doc["renderer"] == "networkd"
+    assert doc["ethernets"]["eth0"] == {"dhcp4": True, "addresses": [], "optional": True}
+
+
+def test_a_missing_group_names_the_groups_there_are(vendor_package_session, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    recipe = write_recipe(
+        tmp_path / "r", vendor_package_session.dir, name="grp", users={"linaro": {"groups": ["wheel"]}}
+    )
+    with pytest.raises(RecipeError) as e:
+        run_build(recipe, tmp_path / "out", tmp_path / "cache")
+    assert "group 'wheel'" in str(e.value)
+    assert e.value.hint is not None and e.value.hint.startswith("groups: ") and "sudo" in e.value.hint
+
+
+def test_disabling_a_unit_the_image_does_not_enable_warns(vendor_package_session, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    recipe = write_recipe(
+        tmp_path / "r", vendor_package_session.dir, name="dis", services={"disable": ["apt-daily.service"]}
+    )
+    res = cli("--json", "build", recipe, "-o", tmp_path / "out", "--cache-dir", tmp_path / "cache")
+    assert res.returncode == 0, res.stderr
+    warnings = [json.loads(line) for line in res.stdout.splitlines() if '"warning"' in line]
+    assert any(
+        "apt-daily.service is not enabled in the image; nothing to disable" in w["message"] for w in warnings
+    )
+
+
+def test_an_overlay_with_a_boot_folder_is_refused_naming_the_overlay(
+    vendor_package_session, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    ov = tmp_path / "r" / "ov"
+    (ov / "boot").mkdir(parents=True)
+    (ov / "boot" / "uEnv.txt").write_text("x\n")
+    recipe = write_recipe(tmp_path / "r", vendor_package_session.dir, name="ovb", overlays=[{"path": "ov"}])
+    with pytest.raises(
+        RecipeError, match=r"overlay .* has a boot/ folder; writing under /boot is not supported"
+    ):
+        run_build(recipe, tmp_path / "out", tmp_path / "cache")
+
+
+def test_an_overlay_holding_a_fifo_is_refused(vendor_package_session, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    ov = tmp_path / "r" / "ov" / "etc"
+    ov.mkdir(parents=True)
+    os.mkfifo(ov / "pipe")
+    recipe = write_recipe(tmp_path / "r", vendor_package_session.dir, name="ovf", overlays=[{"path": "ov"}])
+    with pytest.raises(RecipeError, match="is not a regular file, folder or symlink"):
+        run_build(recipe, tmp_path / "out", tmp_path / "cache")
+
+
+def _inode(image: Path, path: str) -> int:
+    out = subprocess.run(["debugfs", "-R", f"stat {path}", str(image)], capture_output=True, text=True).stdout
+    return int(out.split()[1])
+
+
+def test_an_overlay_is_laid_down_in_name_order_not_in_the_hosts_listing_order(  # type: ignore[no-untyped-def]
+    vendor_package_session, tmp_path: Path
+) -> None:
+    """The overlay's folders are walked in sorted order, not in the order the host's filesystem
+    lists them (ext4 lists by hash, tmpfs by age): the folders get their inodes in name order,
+    so the image does not depend on the machine that built it."""
+    names = [f"d{i:02d}" for i in range(24)]
+    ov = tmp_path / "r" / "ov" / "srv"
+    for name in names[::-1]:
+        (ov / name).mkdir(parents=True)
+        (ov / name / "f").write_text(name)
+    assert os.listdir(ov) != names  # the host does not list them sorted (else this proves nothing)
+    recipe = write_recipe(tmp_path / "r", vendor_package_session.dir, name="ovo", overlays=[{"path": "ov"}])
+    res = run_build(recipe, tmp_path / "out", tmp_path / "cache")
+    parts = simulate(res.out_dir, tmp_path)
+    inodes = [_inode(parts / "ROOTFS.img", f"/srv/{name}") for name in names]
+    assert inodes == sorted(inodes)

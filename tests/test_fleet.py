@@ -556,3 +556,42 @@ def test_recipe_yaml_round_trip_of_fleet_keys(tmp_path: Path) -> None:
     ops = next(u for u in r.users if u.name == "ops")
     assert ops.create and ops.groups == ("sudo", "video")
     assert os.path.basename(r.path) == "x.yaml"
+
+
+# ---------------------------------------------------------------------------------------------
+# Found by mutation testing (scripts/mutants.py): each test fails on a mutant that survived.
+
+
+def _build_users(pkg: vf.MiniPackage, tmp_path: Path, users: dict) -> tuple[Path, dict]:  # type: ignore[type-arg]
+    recipe = write_recipe(tmp_path / "r", pkg.dir, name="acc", users=users)
+    res = cli("build", recipe, "-o", tmp_path / "out", "--cache-dir", tmp_path / "cache")
+    assert res.returncode == 0, res.stderr
+    out = tmp_path / "out" / "acc"
+    return simulate(out, tmp_path), json.loads((out / "build-report.json").read_text())
+
+
+def test_a_new_account_takes_uid_min_from_the_images_login_defs(make_vendor_package, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    defs = vf.LOGIN_DEFS.replace("UID_MIN\t\t\t 1000", "UID_MIN\t\t\t 2000")
+    assert defs != vf.LOGIN_DEFS
+    pkg = make_vendor_package(extra_files={"ROOTFS": {"/etc/login.defs": defs}})
+    parts, _ = _build_users(pkg, tmp_path, {"ops": {"create": True}})
+    passwd = cat(parts / "ROOTFS.img", "/etc/passwd").decode()
+    assert re.search(r"^ops:x:2000:2000:", passwd, re.M), passwd
+
+
+def test_a_new_home_gets_the_skeletons_symlinks(make_vendor_package, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    pkg = make_vendor_package(
+        extra_files={"ROOTFS": {"/etc/skel/.profile-link": vf.symlink_node(".profile")}}
+    )
+    parts, _ = _build_users(pkg, tmp_path, {"ops": {"create": True}})
+    link = stat(parts / "ROOTFS.img", "/home/ops/.profile-link")
+    assert link["type"] == "symlink" and link["uid"] == link["gid"] != 0
+    out = debugfs(parts / "ROOTFS.img", "stat /home/ops/.profile-link")
+    assert 'Fast link dest: ".profile"' in out
+
+
+def test_keys_alone_leave_the_account_tables_untouched(vendor_package_session, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _, report = _build_users(vendor_package_session, tmp_path, {"linaro": {"ssh_authorized_keys": [OPS_KEY]}})
+    touched = {c["path"] for c in report["changes"]}
+    assert "/home/linaro/.ssh/authorized_keys" in touched
+    assert not touched & {"/etc/passwd", "/etc/group", "/etc/gshadow", "/etc/shadow"}, touched

@@ -595,3 +595,11 @@ def test_keys_alone_leave_the_account_tables_untouched(vendor_package_session, t
     touched = {c["path"] for c in report["changes"]}
     assert "/home/linaro/.ssh/authorized_keys" in touched
     assert not touched & {"/etc/passwd", "/etc/group", "/etc/gshadow", "/etc/shadow"}, touched
+
+
+def test_the_reset_machine_id_is_roots_and_read_only(make_vendor_package, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    pkg = make_vendor_package(vendor_identity=True)
+    parts, _ = _build_users(pkg, tmp_path, {"linaro": {"lock": True}})
+    mid = stat(parts / "ROOTFS.img", "/etc/machine-id")
+    assert (mid["type"], mid["mode"], mid["uid"], mid["gid"]) == ("regular", 0o444, 0, 0)
+    assert cat(parts / "ROOTFS.img", "/etc/machine-id") == b""

@@ -134,6 +134,28 @@ def mutate(tree: ast.Module, index: int, kind: str, detail: object) -> tuple[ast
     return tree, line, before, after
 
 
+def _replayed(
+    earlier: list[dict[str, object]],
+    module: str,
+    tree: ast.Module,
+    options: list[tuple[int, str, ast.AST, object]],
+) -> list[tuple[int, str, ast.AST, object]]:
+    """The candidates that make the same change as the earlier run's mutants of `module`."""
+    chosen = []
+    for old in (m for m in earlier if m["module"] == module):
+        for option in options:
+            index, kind, _node, detail = option
+            if kind != old["kind"]:
+                continue
+            _, _line, before, after = mutate(tree, index, kind, detail)
+            if (before[:120], after[:120]) == (old["before"], old["after"]):
+                chosen.append(option)
+                break
+        else:
+            print(f"{module}: {old['kind']} {old['before']!r} is gone from the code", flush=True)
+    return chosen
+
+
 def run_tests(tests: list[str], cwd: Path, timeout: float) -> str:
     env = dict(os.environ, PYTHONPATH=str(cwd), PYTHONDONTWRITEBYTECODE="1")
     cmd = [str(REPO / ".venv/bin/python"), "-m", "pytest", "-x", "-q", "-n", "2", "-p", "no:cacheprovider"]
@@ -152,6 +174,12 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--seed", default="airbox", help="sampling seed")
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--json", type=Path, help="write every mutant and its result here")
+    ap.add_argument(
+        "--replay",
+        type=Path,
+        help="run the mutants of an earlier --json again (matched by module, kind and code), e.g. "
+        "after adding tests, instead of sampling",
+    )
     args = ap.parse_args(argv)
 
     scratch = Path(tempfile.mkdtemp(prefix="airbox-mutants-"))
@@ -170,8 +198,11 @@ def main(argv: list[str]) -> int:
             original = path.read_text()
             tree = ast.parse(original)
             options = list(candidates(tree))
-            rng = random.Random(f"{args.seed}:{module}")
-            chosen = rng.sample(options, min(args.per_module, len(options)))
+            if args.replay:
+                chosen = _replayed(json.loads(args.replay.read_text()), module, tree, options)
+            else:
+                rng = random.Random(f"{args.seed}:{module}")
+                chosen = rng.sample(options, min(args.per_module, len(options)))
             path.write_text(ast.unparse(tree) + "\n")  # mutants are unparsed: so is the baseline
             try:
                 baseline = run_tests(tests, tree_dir, args.timeout)

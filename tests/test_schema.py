@@ -231,3 +231,53 @@ def _types(t: schema.Type) -> list[schema.Type]:
     for option in t.options:
         out += _types(option)
     return out
+
+
+def test_the_typed_recipe_has_a_field_for_every_key_of_the_table() -> None:
+    """The frozen dataclasses the builder reads and the table agree: every key of a section is a
+    field of its dataclass (input keys live in the entry's InputSpec), so no key can be parsed
+    into nowhere."""
+    import dataclasses
+
+    from builder.inputs import InputSpec
+    from builder.recipe import model
+    from builder.recipe.network import Interface, Match, Nameservers, Route
+    from builder.recipe.system import Identity, SshConfig
+
+    pairs = {
+        "RECIPE": (schema.RECIPE, model.Recipe),
+        "BASE": (schema.BASE, InputSpec),
+        "APT": (schema.APT, model.Apt),
+        "PIP": (schema.PIP, model.Pip),
+        "USER": (schema.USER, model.User),
+        "FILE": (schema.FILE, model.FileEntry),
+        "OVERLAY": (schema.OVERLAY, model.Overlay),
+        "SERVICES": (schema.SERVICES, model.Services),
+        "APP": (schema.APP, model.App),
+        "APP_SOURCE": (schema.APP_SOURCE, model.AppSource),
+        "MODEL": (schema.MODEL, model.Model),
+        "APP_PYTHON": (schema.APP_PYTHON, model.AppPython),
+        "APP_SERVICE": (schema.APP_SERVICE, model.AppService),
+        "OUTPUT": (schema.OUTPUT, model.Output),
+        "IDENTITY_KEYS": (schema.IDENTITY_KEYS, Identity),
+        "SSH": (schema.SSH, SshConfig),
+        "ETHERNET": (schema.ETHERNET, Interface),
+        "BOND": (schema.BOND, Interface),
+        "ROUTE": (schema.ROUTE, Route),
+        "MATCH": (schema.MATCH, Match),
+        "NAMESERVERS_KEYS": (schema.NAMESERVERS_KEYS, Nameservers),
+    }
+    inputs = {f.name for f in dataclasses.fields(InputSpec)}
+    renamed = {"from": "from_", "parameters": "parameters"}
+    for section_name, (spec, cls) in pairs.items():
+        fields = {f.name for f in dataclasses.fields(cls)}
+        for key in schema.keys_of(spec).keys:
+            name = renamed.get(key.name, key.name.replace("-", "_"))
+            if name in fields:
+                continue
+            if key.name in ("extends",):
+                assert "extends" in fields
+            elif key.name in ("url", "path", "parts", "sha256", "md5", "size", "member"):
+                assert "input" in fields or name in inputs, (section_name, key.name)
+            else:
+                raise AssertionError(f"{section_name}.{key.name} has no field in {cls.__name__}")

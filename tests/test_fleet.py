@@ -599,7 +599,11 @@ def test_keys_alone_leave_the_account_tables_untouched(vendor_package_session, t
 
 def test_the_reset_machine_id_is_roots_and_read_only(make_vendor_package, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     pkg = make_vendor_package(vendor_identity=True)
-    parts, _ = _build_users(pkg, tmp_path, {"linaro": {"lock": True}})
+    parts, report = _build_users(pkg, tmp_path, {"linaro": {"lock": True}})
+    links = [c for c in report["changes"] if c["type"] == "symlink" and "ssh-host-keys" in c["path"]]
+    assert links, "the host key unit is enabled by a link"
+    for link in links:  # made as systemctl enable makes it: root's
+        assert stat(parts / "ROOTFS.img", link["path"])["uid"] == 0, link
     mid = stat(parts / "ROOTFS.img", "/etc/machine-id")
     assert (mid["type"], mid["mode"], mid["uid"], mid["gid"]) == ("regular", 0o444, 0, 0)
     assert cat(parts / "ROOTFS.img", "/etc/machine-id") == b""

@@ -607,3 +607,28 @@ def test_the_reset_machine_id_is_roots_and_read_only(make_vendor_package, tmp_pa
     mid = stat(parts / "ROOTFS.img", "/etc/machine-id")
     assert (mid["type"], mid["mode"], mid["uid"], mid["gid"]) == ("regular", 0o444, 0, 0)
     assert cat(parts / "ROOTFS.img", "/etc/machine-id") == b""
+
+
+def test_no_vendor_password_warning_when_the_images_sshd_takes_no_passwords(
+    make_vendor_package, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """sshd_config itself says `PasswordAuthentication no` (after its Include): the vendor's
+    public passwords cannot be used over SSH, so there is nothing to warn about; with `yes` the
+    warning names the account."""
+    warned = {}
+    for value in ("no", "yes"):
+        text = f"Include /etc/ssh/sshd_config.d/*.conf\nPasswordAuthentication {value}\n"
+        pkg = make_vendor_package(extra_files={"ROOTFS": {"/etc/ssh/sshd_config": text}})
+        recipe = write_recipe(tmp_path / value, pkg.dir, "pw", hostname="pw-box")
+        res = cli(recipe, "-o", tmp_path / value / "out", "--cache-dir", tmp_path / value / "cache")
+        assert res.returncode == 0, res.stderr
+        warned[value] = "keeps the vendor's public password ('linaro')" in res.stderr
+    assert warned == {"no": False, "yes": True}
+
+
+def test_an_image_without_a_machine_id_is_left_without_one(vendor_package_session, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """No /etc/machine-id at all is also systemd's first boot: identity reset writes none."""
+    assert "machine-id" not in debugfs(vendor_package_session.partition("ROOTFS").image, "ls -l /etc")
+    parts, report = _build_users(vendor_package_session, tmp_path, {"linaro": {"lock": True}})
+    assert not [c for c in report["changes"] if c["path"] == "/etc/machine-id"]
+    assert "machine-id" not in debugfs(parts / "ROOTFS.img", "ls -l /etc")

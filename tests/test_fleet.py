@@ -632,3 +632,14 @@ def test_an_image_without_a_machine_id_is_left_without_one(vendor_package_sessio
     parts, report = _build_users(vendor_package_session, tmp_path, {"linaro": {"lock": True}})
     assert not [c for c in report["changes"] if c["path"] == "/etc/machine-id"]
     assert "machine-id" not in debugfs(parts / "ROOTFS.img", "ls -l /etc")
+
+
+def test_the_ntp_drop_in_and_its_folder_are_roots(vendor_package_session, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    recipe = write_recipe(tmp_path / "r", vendor_package_session.dir, name="ntp", ntp=["ntp.aliyun.com"])
+    res = cli("build", recipe, "-o", tmp_path / "out", "--cache-dir", tmp_path / "cache")
+    assert res.returncode == 0, res.stderr
+    parts = simulate(tmp_path / "out" / "ntp", tmp_path)
+    folder = stat(parts / "ROOTFS.img", "/etc/systemd/timesyncd.conf.d")
+    assert (folder["type"], folder["mode"], folder["uid"], folder["gid"]) == ("directory", 0o755, 0, 0)
+    conf = cat(parts / "ROOTFS.img", "/etc/systemd/timesyncd.conf.d/50-airbox-build.conf").decode()
+    assert "NTP=ntp.aliyun.com" in conf

@@ -74,3 +74,47 @@ def test_bad_bundle_id_value(tmp_path: Path) -> None:
     path = write_recipe(tmp_path, tmp_path, name="x", output={"bundle_id": "sometimes"})
     with pytest.raises(RecipeError, match="'sometimes' is not one of: auto, always, never"):
         load_recipe(path, check_files=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Found by mutation testing (scripts/mutants.py): each test fails on a mutant that survived.
+
+
+def _bundle(pkg: vf.MiniPackage, tmp: Path, tag: str) -> str:
+    recipe = write_recipe(tmp / f"r-{tag}", pkg.dir, name="vid", hostname="box-1")
+    res = run_build(recipe, tmp / f"out-{tag}", tmp / f"cache-{tag}")
+    return str(json.loads((res.out_dir / "build-report.json").read_text())["bundle_id"]["bundle"])
+
+
+def test_the_id_names_the_whole_vendor_package_not_only_what_the_recipe_edits(
+    make_vendor_package, tmp_path: Path
+) -> None:
+    """Two vendor packages that differ only in DATA, a partition the recipe does not touch: the
+    same edits give two ids (the vendor's md5.txt is part of the id); the same package twice,
+    one id."""
+    a = make_vendor_package(extra_files={"DATA": {"/release.txt": "2024-06\n"}})
+    b = make_vendor_package(extra_files={"DATA": {"/release.txt": "2024-07\n"}})
+    assert (a.dir / "md5.txt").read_bytes() != (b.dir / "md5.txt").read_bytes()
+    same = a.copy_to(tmp_path / "copy")
+    assert _bundle(a, tmp_path, "a") == _bundle(same, tmp_path, "same") != _bundle(b, tmp_path, "b")
+
+
+def test_a_package_without_md5_txt_is_named_by_the_edited_partitions_chunks(
+    make_vendor_package, tmp_path: Path
+) -> None:
+    """No md5.txt: the id comes from the chunks of the partitions the build edits (names and
+    bytes): ROOTFS content differing outside what the recipe writes gives another id."""
+    a = make_vendor_package(extra_files={"ROOTFS": {"/etc/release": "a\n"}})
+    b = make_vendor_package(extra_files={"ROOTFS": {"/etc/release": "b\n"}})
+    for pkg in (a, b):
+        (pkg.dir / "md5.txt").unlink()
+    assert _bundle(a, tmp_path, "a") != _bundle(b, tmp_path, "b")
+
+
+def test_only_our_own_document_is_read_as_a_bundle_id() -> None:
+    from builder.customise.bundleid import parse
+
+    assert parse('{"bundle": "' + "0" * 64 + '", "recipe": "r"}') == {"bundle": "0" * 64, "recipe": "r"}
+    assert parse('["not", "a", "mapping"]') is None
+    assert parse('{"bundle": 12}') is None
+    assert parse("not json") is None

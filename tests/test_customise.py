@@ -578,3 +578,40 @@ def test_an_overlay_is_laid_down_in_name_order_not_in_the_hosts_listing_order(  
     parts = simulate(res.out_dir, tmp_path)
     inodes = [_inode(parts / "ROOTFS.img", f"/srv/{name}") for name in names]
     assert inodes == sorted(inodes)
+
+
+def test_fstab_mount_points_by_device_partlabel_and_partuuid(vendor_package_session, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The image's fstab.emmc.ro names partitions as /dev/mmcblk0pN, PARTLABEL= or PARTUUID= (the
+    GPT's unique GUID); entries of other devices (tmpfs, proc, /dev/root) and the root are not
+    mount points of a partition."""
+    from builder.customise.mounts import _parse_fstab
+    from builder.package.flashplan import read_flash_plan
+    from builder.package.source import open_package
+
+    with open_package(vendor_package_session.dir, tmp_path / "work") as files:
+        plan = read_flash_plan(files)
+    mounts = {(m.point, m.label) for m in _parse_fstab(vf.FSTAB_EMMC_RO, plan)}
+    assert mounts == {("/media/root-rw", "ROOTFS_RW"), ("/opt", "OPT"), ("/data", "DATA"), ("/boot", "BOOT")}
+    data_guid = str(plan.gpt.entries[6].unique_guid).upper()
+    text = f"PARTUUID={data_guid}\t/data\text4\tdefaults\t0\t2\nPARTLABEL=OPT\t/opt\text4\tdefaults\t0\t2\n"
+    text += "tmpfs\t/run/x\ttmpfs\tdefaults\t0\t0\nLABEL=nothing\t/mnt\text4\tdefaults\t0\t0\n"
+    assert {(m.point, m.label) for m in _parse_fstab(text, plan)} == {("/data", "DATA"), ("/opt", "OPT")}
+
+
+def test_the_overlay_layer_takes_root_paths_only(vendor_package_session, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    recipe = write_recipe(
+        tmp_path / "r",
+        vendor_package_session.dir,
+        name="lay",
+        files=[{"path": "/data/x", "content": "x", "layer": "overlay"}],
+    )
+    with pytest.raises(RecipeError, match=r"layer: overlay applies to root paths only; /data/x is on DATA"):
+        run_build(recipe, tmp_path / "out", tmp_path / "cache")
+
+
+def test_report_diffs_are_unified_diffs_line_by_line(full_build) -> None:  # type: ignore[no-untyped-def]
+    res, _parts, _pkg = full_build
+    hostname = next(c for c in res.report["changes"] if c["path"] == "/etc/hostname")
+    lines = hostname["diff"].splitlines(keepends=True)
+    assert lines[0] == "--- a/etc/hostname\n" and lines[1] == "+++ b/etc/hostname\n"
+    assert lines[2].startswith("@@ ") and "+airbox-01\n" in lines

@@ -615,3 +615,25 @@ def test_report_diffs_are_unified_diffs_line_by_line(full_build) -> None:  # typ
     lines = hostname["diff"].splitlines(keepends=True)
     assert lines[0] == "--- a/etc/hostname\n" and lines[1] == "+++ b/etc/hostname\n"
     assert lines[2].startswith("@@ ") and "+airbox-01\n" in lines
+
+
+def test_hostname_keeps_the_files_attributes_and_adds_the_hosts_line(
+    make_vendor_package, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """An image whose /etc/hostname is 0640 keeps 0640; an /etc/hosts without a 127.0.1.1 line
+    gets one right after 127.0.0.1, as Debian's installer writes it."""
+    pkg = make_vendor_package(
+        extra_files={
+            "ROOTFS": {
+                "/etc/hostname": vf.file_node(b"bm1684\n", 0o640),
+                "/etc/hosts": "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n",
+            }
+        }
+    )
+    recipe = write_recipe(tmp_path / "r", pkg.dir, name="hn", hostname="airbox-07")
+    res = run_build(recipe, tmp_path / "out", tmp_path / "cache")
+    parts = simulate(res.out_dir, tmp_path)
+    assert stat(parts / "ROOTFS.img", "/etc/hostname")["mode"] == 0o640
+    assert cat(parts / "ROOTFS.img", "/etc/hostname") == b"airbox-07\n"
+    hosts = cat(parts / "ROOTFS.img", "/etc/hosts").decode()
+    assert hosts == "127.0.0.1\tlocalhost\n127.0.1.1\tairbox-07\n::1\tlocalhost ip6-localhost\n"

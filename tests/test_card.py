@@ -3,6 +3,7 @@ a plain folder on the build machine's disk, and the pure parts of the per-OS pro
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -604,3 +605,54 @@ def test_space_check_against_a_real_small_fat_volume(bundle: Path, tmp_path: Pat
     assert not over.fits
     with pytest.raises(CardError, match="nothing was changed"):
         refuse_no_room(over, vol)
+
+
+# --------------------------------------------------------------------------------------------
+# Found by mutation testing (scripts/mutants.py): each test fails on a mutant that survived.
+
+
+def test_the_plain_read_back_hashes_every_byte(tmp_path: Path) -> None:
+    """The read-back macOS and Windows (and Linux without O_DIRECT) take."""
+    from builder.card.fileio import _hash_plain
+
+    data = os.urandom(9 << 20)
+    (tmp_path / "f").write_bytes(data)
+    seen: list[int] = []
+    assert _hash_plain(tmp_path / "f", seen.append) == hashlib.sha256(data).hexdigest()
+    assert sum(seen) == len(data)
+
+
+def test_a_file_that_cannot_be_removed_is_named_with_the_systems_reason(tmp_path: Path) -> None:
+    from builder.card.fileio import _remove
+
+    (tmp_path / "boot.scr").mkdir()  # not a file: unlink fails
+    with pytest.raises(CardError) as e:
+        _remove(tmp_path / "boot.scr")
+    assert str(e.value.args[0]) == "cannot remove boot.scr: Is a directory"
+
+
+def test_a_card_folder_without_sha256sums_is_checked_by_its_md5_txt(bundle: Path, tmp_path: Path) -> None:
+    """The bundle given as its card/ folder (no SHA256SUMS beside it): digests are computed and
+    checked against md5.txt, and an intact card passes."""
+    card = tmp_path / "card"
+    shutil.copytree(bundle / "card", card)
+    target = tmp_path / "target"
+    shutil.copytree(bundle / "card", target)
+    res = airbox("verify", target, "--against", card)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_a_file_missing_from_the_card_is_named(bundle: Path, tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    shutil.copytree(bundle / "card", target)
+    victim = next(n for n in card_names(bundle) if n.startswith("rootfs."))
+    (target / victim).unlink()
+    res = airbox("verify", target, "--against", bundle)
+    assert res.returncode == 1
+    assert f"{victim}: missing on the card" in res.stdout + res.stderr
+
+
+def test_sizes_are_shown_for_humans() -> None:
+    from builder.card.bundle import _size
+
+    assert _size(None) == "?" and _size(512) == "512 bytes"

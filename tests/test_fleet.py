@@ -643,3 +643,12 @@ def test_the_ntp_drop_in_and_its_folder_are_roots(vendor_package_session, tmp_pa
     assert (folder["type"], folder["mode"], folder["uid"], folder["gid"]) == ("directory", 0o755, 0, 0)
     conf = cat(parts / "ROOTFS.img", "/etc/systemd/timesyncd.conf.d/50-airbox-build.conf").decode()
     assert "NTP=ntp.aliyun.com" in conf
+
+
+def test_an_image_already_in_first_boot_state_keeps_its_empty_machine_id(
+    make_vendor_package, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    pkg = make_vendor_package(extra_files={"ROOTFS": {"/etc/machine-id": vf.file_node(b"", 0o444)}})
+    parts, report = _build_users(pkg, tmp_path, {"linaro": {"lock": True}})
+    assert not [c for c in report["changes"] if c["path"] == "/etc/machine-id"]
+    assert cat(parts / "ROOTFS.img", "/etc/machine-id") == b""

@@ -143,14 +143,16 @@ def _replayed(
     """The candidates that make the same change as the earlier run's mutants of `module`."""
     chosen = []
     for old in (m for m in earlier if m["module"] == module):
+        same = []
         for option in options:
             index, kind, _node, detail = option
             if kind != old["kind"]:
                 continue
-            _, _line, before, after = mutate(tree, index, kind, detail)
+            _, line, before, after = mutate(tree, index, kind, detail)
             if (before[:120], after[:120]) == (old["before"], old["after"]):
-                chosen.append(option)
-                break
+                same.append((abs(line - int(str(old["line"]))), option))
+        if same:  # the same change at the nearest line (code above it may have moved)
+            chosen.append(min(same, key=lambda pair: pair[0])[1])
         else:
             print(f"{module}: {old['kind']} {old['before']!r} is gone from the code", flush=True)
     return chosen

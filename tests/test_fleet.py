@@ -652,3 +652,13 @@ def test_an_image_already_in_first_boot_state_keeps_its_empty_machine_id(
     parts, report = _build_users(pkg, tmp_path, {"linaro": {"lock": True}})
     assert not [c for c in report["changes"] if c["path"] == "/etc/machine-id"]
     assert cat(parts / "ROOTFS.img", "/etc/machine-id") == b""
+
+
+def test_localtime_is_roots_link_to_the_zone(vendor_package_session, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    recipe = write_recipe(tmp_path / "r", vendor_package_session.dir, name="tz", timezone="Asia/Shanghai")
+    res = cli("build", recipe, "-o", tmp_path / "out", "--cache-dir", tmp_path / "cache")
+    assert res.returncode == 0, res.stderr
+    parts = simulate(tmp_path / "out" / "tz", tmp_path)
+    link = stat(parts / "ROOTFS.img", "/etc/localtime")
+    assert (link["type"], link["uid"], link["gid"]) == ("symlink", 0, 0)
+    assert "/usr/share/zoneinfo/Asia/Shanghai" in debugfs(parts / "ROOTFS.img", "stat /etc/localtime")

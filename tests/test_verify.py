@@ -199,3 +199,23 @@ def test_verify_json_events(vendor_package: vf.MiniPackage) -> None:
 
 def test_gpt_chunk_unzips_to_17408_bytes(vendor_package_session: vf.MiniPackage) -> None:
     assert len(gzip.decompress((vendor_package_session.dir / "gpt.gz").read_bytes())) == 17408
+
+
+def test_a_chunk_whose_size_is_not_the_scripts_is_reported(vendor_package: vf.MiniPackage) -> None:
+    """Found by mutation testing: a chunk that decompresses to other than the size its script's
+    `unzip` names (here: 4 KiB more, with md5.txt made to match) is a failure naming the chunk,
+    the script and its line."""
+    import gzip as gz
+
+    from buildhelp import cli, refresh_md5
+
+    name = vendor_package.partition("DATA").chunk_files[0]
+    chunk = vendor_package.dir / name
+    chunk.write_bytes(gz.compress(gz.decompress(chunk.read_bytes()) + bytes(4096), mtime=0))
+    refresh_md5(vendor_package.dir)
+    res = cli("verify", vendor_package.dir)
+    assert res.returncode == 1
+    out = res.stdout + res.stderr
+    assert re.search(
+        rf"{re.escape(name)}: holds \d+ bytes uncompressed but boot_emmc-data\.scr line \d+ unzips", out
+    ), out

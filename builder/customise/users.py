@@ -179,7 +179,8 @@ def _update(acc: _Accounts, u: User) -> None:
             raise RecipeError(
                 f"group {name!r} (users.{u.name}.groups) does not exist in the image's /etc/group",
                 where=u.where,
-                hint="groups: " + (", ".join(r[0] for r in acc.group.rows if r and r[0] in _USEFUL) or "none"),
+                hint="groups: "
+                + (", ".join(r[0] for r in acc.group.rows if r and r[0] in _USEFUL) or "none"),
             )
         _add_member(acc.group, g, 3, u.name)
         gs = acc.gshadow.find(name) if acc.gshadow is not None else None

@@ -50,7 +50,7 @@ def parse_apps(node: Node, check: bool) -> tuple[App, ...]:
 
 def _app(name: str, node: Node, parent: Node, check: bool) -> App:
     path: KeyPath = ("apps", name)
-    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", name):
+    if not re.fullmatch(schema.APP_NAME_PATTERN, name):
         raise err(
             key_mark(parent, name),
             path,
@@ -148,7 +148,7 @@ def _app_python(node: Node, path: KeyPath, check: bool) -> AppPython:
                 version, (*path, "python"), "a quoted version string", f'quote it: "{version.raw}"'
             )
         python = expect_str(version, (*path, "python"))
-        if not re.fullmatch(r"3\.[0-9]+(\.[0-9]+)?", python):
+        if not re.fullmatch(schema.PYTHON_PATTERN, python):
             raise err(
                 version,
                 (*path, "python"),
@@ -158,12 +158,12 @@ def _app_python(node: Node, path: KeyPath, check: bool) -> AppPython:
     platform = str(schema.default(schema.APP_PYTHON, "platform"))
     if "platform" in given:
         platform = expect_str(given["platform"], (*path, "platform"))
-        if not re.fullmatch(r"[a-z0-9_]+", platform):
+        if not re.fullmatch(schema.PLATFORM_PATTERN, platform):
             raise err(given["platform"], (*path, "platform"), f"{platform!r} is not a wheel platform tag")
     exclude_newer = None
     if "exclude_newer" in given:
         exclude_newer = expect_str(given["exclude_newer"], (*path, "exclude_newer"))
-        if not re.fullmatch(r"\d{4}-\d{2}-\d{2}(T[0-9:]+Z?)?", exclude_newer):
+        if not re.fullmatch(schema.DATE_PATTERN, exclude_newer):
             raise err(
                 given["exclude_newer"],
                 (*path, "exclude_newer"),

@@ -124,26 +124,39 @@ def union(label: str, *options: Type) -> Type:
 BOOL = Type("boolean", "true/false")
 ANY = Type("any", "any value")
 TEXT = string("text")
+# Patterns the table gives editors and the parser compiles (builder.recipe.values): one of each.
 NAME_PATTERN = r"^[a-z0-9._-]+$"
+APP_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
+SUITE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]*$"
+FAT_LABEL_PATTERN = r"^[A-Z0-9 _!#$%&'()@^`{}~-]{1,11}$"
+LABEL_PATTERN = r"^[A-Z0-9_]+$"
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+MODE_PATTERN = r"^[0-7]{3,4}$"
+PYTHON_PATTERN = r"^3\.[0-9]+(\.[0-9]+)?$"
+PLATFORM_PATTERN = r"^[a-z0-9_]+$"
+DATE_PATTERN = r"^\d{4}-\d{2}-\d{2}(T[0-9:]+Z?)?$"
+MAC_PATTERN = r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$"
+ZONE_PATTERN = r"^[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*$"
+LOCALE_PATTERN = r"^([A-Za-z]{1,8}(_[A-Za-z0-9]{2,3})?(\.[A-Za-z0-9-]+)?(@[A-Za-z0-9]+)?|C|POSIX)$"
+UNIT_PATTERN = (
+    r"^[A-Za-z0-9:_.\\-]+(@[A-Za-z0-9:_.\\-]*)?"
+    r"\.(service|socket|device|mount|automount|swap|target|path|timer|slice|scope)$"
+)
 ACCOUNT_PATTERN = r"^([A-Za-z_][A-Za-z0-9_.-]{0,31}\$?|[0-9]+)$"
 DEVICE_PATH = string("device path", r"^/")
 LOCAL_PATH = string("local path")  # relative to the file that declares it
 URL = string("http(s) URL", r"^https?://[^\s/?#]+")
 SHA256 = string("sha256", r"^[0-9a-fA-F]{64}$")
 MD5 = union("md5", string("md5", r"^[0-9a-fA-F]{32}$"), integer("md5 (all digits)"))
-MODE = string("octal mode", r"^[0-7]{3,4}$")
+MODE = string("octal mode", MODE_PATTERN)
 OWNER = string(
     "user or user:group", r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?(:[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?)?$"
 )
-UNIT = string(
-    "unit name",
-    r"^[A-Za-z0-9:_.\\-]+(@[A-Za-z0-9:_.\\-]*)?"
-    r"\.(service|socket|device|mount|automount|swap|target|path|timer|slice|scope)$",
-)
+UNIT = string("unit name", UNIT_PATTERN)
 UNITS = list_of("list of unit names", UNIT)
 IP = string("IP address", r"^[0-9A-Fa-f:.]+$")
 CIDR = string("address/prefix", r"^[0-9A-Fa-f:.]+/[0-9]{1,3}$")
-MAC = string("MAC address", r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+MAC = string("MAC address", MAC_PATTERN)
 SIZE = union("size", integer("bytes", minimum=1), string("size", r"^\s*[0-9]+(\.[0-9]+)?\s*[A-Za-z]*\s*$"))
 INPUT_SOURCES = ("url", "path", "parts")
 BUNDLE_ID_MODES = ("auto", "always", "never")
@@ -182,12 +195,12 @@ APT = section(
     Key("mirror", URL, "the Ubuntu ports mirror of the complete /etc/apt/sources.list", required=True),
     Key(
         "suites",
-        list_of("list of suites", string("suite", r"^[A-Za-z0-9][A-Za-z0-9._/-]*$"), 1),
+        list_of("list of suites", string("suite", SUITE_PATTERN), 1),
         "default: the image's codename, -updates, -backports and -security",
     ),
     Key(
         "components",
-        list_of("list of components", string("component", r"^[A-Za-z0-9][A-Za-z0-9._/-]*$"), 1),
+        list_of("list of components", string("component", SUITE_PATTERN), 1),
         "archive components",
         default=["main", "restricted", "universe", "multiverse"],
     ),
@@ -273,20 +286,20 @@ APP_PYTHON = section(
     Key("target", INNER_PATH, "where the packages go, relative to the app folder", default=".pydeps"),
     Key(
         "platform",
-        string("wheel platform tag", r"^[a-z0-9_]+$"),
+        string("wheel platform tag", PLATFORM_PATTERN),
         "wheel platform",
         default="manylinux2014_aarch64",
     ),
     Key(
         "python",
-        string("Python version", r"^3\.[0-9]+(\.[0-9]+)?$"),
+        string("Python version", PYTHON_PATTERN),
         "the box's Python (quoted)",
         default="3.8",
     ),
     Key("requirements", LOCAL_PATH, "the .in file `airbox-build lock` resolves the lock from"),
     Key(
         "exclude_newer",
-        string("date", r"^\d{4}-\d{2}-\d{2}(T[0-9:]+Z?)?$"),
+        string("date", DATE_PATTERN),
         "resolve as of this date (uv --exclude-newer)",
     ),
     Key("wheels", LOCAL_PATH, "a local folder of wheels (offline builds)"),
@@ -299,7 +312,7 @@ APP_SERVICE = section(
     Key("port", integer("port", 1, 65535), "the port the app listens on (for `boot --check`)"),
     Key(
         "environment",
-        map_of("variables", r"^[A-Za-z_][A-Za-z0-9_]*$", union("value", TEXT, integer(), BOOL)),
+        map_of("variables", ENV_NAME_PATTERN, union("value", TEXT, integer(), BOOL)),
         "Environment= lines",
     ),
     Key("after", UNITS, "After= and Wants= units"),
@@ -323,7 +336,7 @@ OUTPUT = section(
     Key("shrink", BOOL, "shrink edited ext4 images to their used size", default=True),
     Key(
         "volume_label",
-        string("FAT volume label", r"^[A-Z0-9 _!#$%&'()@^`{}~-]{1,11}$"),
+        string("FAT volume label", FAT_LABEL_PATTERN),
         "label of the card image",
         default="AIRBOX",
     ),
@@ -483,20 +496,20 @@ _TOP = (
     Key("overlays", list_of("list of trees", OVERLAY), "local trees laid over the device's root"),
     Key("remove", list_of("list of device paths", DEVICE_PATH), "paths removed from the image"),
     Key("services", SERVICES, "systemd units enabled and disabled"),
-    Key("apps", map_of("apps by name", r"^[a-z0-9][a-z0-9._-]*$", APP), "preinstalled applications"),
+    Key("apps", map_of("apps by name", APP_NAME_PATTERN, APP), "preinstalled applications"),
     Key(
         "layout",
-        map_of("sizes by partition label", r"^[A-Z0-9_]+$", SIZE),
+        map_of("sizes by partition label", LABEL_PATTERN, SIZE),
         "partition sizes, e.g. DATA: 12GiB",
     ),
     Key("mirrors", map_of("replacements by URL prefix", r"^https?://", URL), "download URL rewrites"),
     Key("output", OUTPUT, "what the build writes beside card/"),
     Key("identity", IDENTITY, "first-boot identity: host keys and machine-id (`keep` keeps the image's)"),
     Key("ssh", SSH, "an sshd_config drop-in"),
-    Key("timezone", string("zone", r"^[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*$"), "/etc/localtime, /etc/timezone"),
+    Key("timezone", string("zone", ZONE_PATTERN), "/etc/localtime, /etc/timezone"),
     Key(
         "locale",
-        string("locale", r"^([A-Za-z]{1,8}(_[A-Za-z0-9]{2,3})?(\.[A-Za-z0-9-]+)?(@[A-Za-z0-9]+)?|C|POSIX)$"),
+        string("locale", LOCALE_PATTERN),
         "/etc/default/locale",
     ),
     Key("ntp", list_of("list of hosts or IPs", TEXT, 1), "a systemd-timesyncd drop-in"),

@@ -11,8 +11,8 @@ from builder.recipe.nodes import KeyPath, Node, _type_error, entry_where, err, e
 
 # the accounts whose passwords the vendor's docs print (FORMAT.md section 6): name -> password
 VENDOR_PASSWORDS = {"linaro": "linaro", "admin": "admin"}
-_ZONE = re.compile(r"[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*")
-_LOCALE = re.compile(r"[A-Za-z]{1,8}(_[A-Za-z0-9]{2,3})?(\.[A-Za-z0-9-]+)?(@[A-Za-z0-9]+)?|C|POSIX")
+_ZONE = re.compile(schema.ZONE_PATTERN)
+_LOCALE = re.compile(schema.LOCALE_PATTERN)
 _HOST = re.compile(
     r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
 )

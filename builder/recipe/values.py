@@ -12,6 +12,7 @@ from types import MappingProxyType
 from typing import Any
 
 from builder.inputs import InputSpec
+from builder.recipe import schema
 from builder.recipe.nodes import (
     KeyPath,
     Mark,
@@ -29,12 +30,12 @@ from builder.recipe.nodes import (
 # Value forms: URLs, checksums, paths, owners, modes, names.
 # ---------------------------------------------------------------------------------------------
 
-_NAME = re.compile(r"[a-z0-9._-]+")
+_NAME = re.compile(schema.NAME_PATTERN)
 _HOST_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
-_SUITE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]*")
-_FAT_LABEL = re.compile(r"[A-Z0-9 _!#$%&'()@^`{}~-]{1,11}")
-_LABEL = re.compile(r"[A-Z0-9_]+")
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SUITE = re.compile(schema.SUITE_PATTERN)
+_FAT_LABEL = re.compile(schema.FAT_LABEL_PATTERN)
+_LABEL = re.compile(schema.LABEL_PATTERN)
+_ENV_NAME = re.compile(schema.ENV_NAME_PATTERN)
 _SSH_KEY = re.compile(
     r"(^|\s)(ssh-[a-z0-9-]+|ecdsa-sha2-[a-z0-9-]+|sk-[a-z0-9@.-]+)\s+[A-Za-z0-9+/]+={0,3}(\s|$)"
 )
@@ -44,11 +45,8 @@ _PLAINTEXT_HINT = (
 )
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _HEX = re.compile(r"[0-9a-fA-F]+")
-_ACCOUNT = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?|[0-9]+")
-_UNIT = re.compile(
-    r"[A-Za-z0-9:_.\\-]+(@[A-Za-z0-9:_.\\-]*)?"
-    r"\.(service|socket|device|mount|automount|swap|target|path|timer|slice|scope)"
-)
+_ACCOUNT = re.compile(schema.ACCOUNT_PATTERN)
+_UNIT = re.compile(schema.UNIT_PATTERN)
 
 
 def check_url(text: str, at: Node | Mark, path: KeyPath, schemes: tuple[str, ...] = ("http", "https")) -> str:
@@ -179,7 +177,7 @@ def parse_mode(node: Node, path: KeyPath) -> int:
     value = node.value
     if isinstance(value, int) and not isinstance(value, bool):
         raw = node.raw or str(value)
-        digits = raw if re.fullmatch(r"[0-7]{3,4}", raw) else f"{value:04o}"
+        digits = raw if re.fullmatch(schema.MODE_PATTERN, raw) else f"{value:04o}"
         raise err(
             node,
             path,
@@ -187,7 +185,7 @@ def parse_mode(node: Node, path: KeyPath) -> int:
             f'quote it: mode: "{digits.zfill(4)}" (YAML reads 0644 as 420 and 644 as 644)',
         )
     text = expect_str(node, path)
-    if not re.fullmatch(r"[0-7]{3,4}", text):
+    if not re.fullmatch(schema.MODE_PATTERN, text):
         raise err(node, path, f'mode must be 3 or 4 octal digits such as "0644", found {text!r}')
     return int(text, 8)
 

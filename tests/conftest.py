@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -77,6 +78,30 @@ def pytest_configure(config: pytest.Config) -> None:
 _checkout_key = pytest.StashKey[set[str] | None]()
 
 
+def _still_running(paths: list[str]) -> list[str]:
+    """Processes (Linux /proc) whose command line names one of the run's folders: a daemon a
+    test started and left (gpg-agent, sshd, QEMU, ...). Given a moment to finish exiting."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
+    found: list[str] = []
+    for _ in range(20):
+        found = []
+        for entry in proc.iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            except OSError:
+                continue
+            if cmd and any(p in cmd for p in paths):
+                found.append(f"{entry.name} {cmd[:160]}")
+        if not found:
+            return []
+        time.sleep(0.1)
+    return found
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     config = session.config
     if hasattr(config, "workerinput") or _checkout_key not in config.stash:
@@ -90,6 +115,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     after = _checkout_files()
     if before is not None and after is not None and after - before:
         problems.append(f"new files in the checkout: {', '.join(sorted(after - before)[:20])}")
+    running = _still_running([str(session_tmp), str(config._tmp_path_factory.getbasetemp())])  # type: ignore[attr-defined]
+    if running:
+        problems.append(f"still running: {'; '.join(running[:10])}")
     if not os.environ.get("AIRBOX_TESTS_KEEP_TMP"):
         shutil.rmtree(session_tmp, ignore_errors=True)
     if problems:

@@ -5,7 +5,7 @@ These run where the builder's tools do not: on the Windows and macOS runners of
 diskpart; an hdiutil "MS-DOS FAT32" image) and name it in AIRBOX_TEST_FAT_VOLUME. The bundle is a
 real one, built on Linux by tests/card_bundle.py and named in AIRBOX_TEST_BUNDLE; where the tools
 are at hand it is built here. Without a FAT volume or a bundle the tests that need them skip,
-saying so; the refusal of a folder that is not FAT runs everywhere.
+saying so. On Linux without that variable they mount a FAT32 image of their own with fusefat.
 """
 
 from __future__ import annotations
@@ -14,14 +14,12 @@ import hashlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 FAT_VOLUME = os.environ.get("AIRBOX_TEST_FAT_VOLUME")
-needs_fat = pytest.mark.skipif(
-    not FAT_VOLUME, reason="set AIRBOX_TEST_FAT_VOLUME to the root of a mounted, empty FAT32 volume"
-)
 
 
 def airbox(*args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -71,11 +69,24 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return card_bundle.build_bundle(tmp_path_factory.mktemp("card-os"))
 
 
-def volume() -> Path:
-    assert FAT_VOLUME is not None
-    root = Path(FAT_VOLUME)
-    assert root.is_dir(), f"AIRBOX_TEST_FAT_VOLUME={FAT_VOLUME} is not a folder"
-    return root
+@pytest.fixture(scope="module")
+def fat_volume(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The runner's FAT32 volume (AIRBOX_TEST_FAT_VOLUME); on Linux without one, a FAT32 image
+    of our own mounted with fusefat (test_card's helpers), so these run in Linux CI too."""
+    if FAT_VOLUME:
+        yield Path(FAT_VOLUME)
+        return
+    from test_card import fuse_unavailable, make_fat32, mount_fat
+
+    reason = fuse_unavailable()
+    if reason:
+        pytest.skip(f"no AIRBOX_TEST_FAT_VOLUME, and {reason}")
+    tmp = tmp_path_factory.mktemp("fat-volume")
+    card = mount_fat(make_fat32(tmp / "card.img", 64), tmp / "mnt", tmp / "fusefat.log")
+    try:
+        yield card.mount
+    finally:
+        card.unmount()
 
 
 def clear(root: Path) -> None:
@@ -111,9 +122,8 @@ def test_a_staging_folder_takes_the_bundle_with_allow_non_fat(bundle: Path, tmp_
 # On a real FAT32 volume
 
 
-@needs_fat
-def test_write_then_verify_on_a_real_fat32_volume(bundle: Path) -> None:
-    root = volume()
+def test_write_then_verify_on_a_real_fat32_volume(bundle: Path, fat_volume: Path) -> None:
+    root = fat_volume
     clear(root)
     res = airbox("write", bundle, root)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -125,9 +135,8 @@ def test_write_then_verify_on_a_real_fat32_volume(bundle: Path) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
 
 
-@needs_fat
-def test_stale_files_of_an_older_bundle_are_removed(bundle: Path) -> None:
-    root = volume()
+def test_stale_files_of_an_older_bundle_are_removed(bundle: Path, fat_volume: Path) -> None:
+    root = fat_volume
     clear(root)
     assert airbox("write", bundle, root).returncode == 0
     (root / "boot.scr.sd").write_bytes(b"an override an older tool left")
@@ -140,9 +149,8 @@ def test_stale_files_of_an_older_bundle_are_removed(bundle: Path) -> None:
     assert airbox("verify", root, "--against", bundle).returncode == 0
 
 
-@needs_fat
-def test_a_card_that_does_not_hold_the_bundle_is_reported(bundle: Path) -> None:
-    root = volume()
+def test_a_card_that_does_not_hold_the_bundle_is_reported(bundle: Path, fat_volume: Path) -> None:
+    root = fat_volume
     clear(root)
     assert airbox("write", bundle, root).returncode == 0
     victim = next(
@@ -160,11 +168,10 @@ def test_a_card_that_does_not_hold_the_bundle_is_reported(bundle: Path) -> None:
     assert victim.name in res.stdout + res.stderr
 
 
-@needs_fat
-def test_the_volume_is_seen_as_fat_with_its_free_space() -> None:
+def test_the_volume_is_seen_as_fat_with_its_free_space(fat_volume: Path) -> None:
     from builder.card import probe_volume
 
-    vol = probe_volume(volume())
+    vol = probe_volume(fat_volume)
     assert vol.is_fat, vol
     if vol.fstype.startswith("fuse"):
         pytest.skip(f"{vol.fstype} reports no sizes (statvfs says 0 blocks); the runners' volumes do")

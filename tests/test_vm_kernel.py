@@ -85,6 +85,11 @@ def _stanza(name: str, version: str, filename: str, data: bytes, depends: str = 
     return s + f"Filename: {filename}\nSize: {len(data)}\nSHA256: {hashlib.sha256(data).hexdigest()}\n"
 
 
+def stop_gpg_agent(homedir: Path) -> None:
+    """gpg starts an agent for a home folder and leaves it running: end it (the run leaves nothing)."""
+    subprocess.run(["gpgconf", "--homedir", str(homedir), "--kill", "all"], capture_output=True, check=False)
+
+
 class MiniArchive:
     """Two suites (an older kernel in `stable`, a newer one in `stable-security`)."""
 
@@ -98,6 +103,9 @@ class MiniArchive:
         self.debs: dict[str, bytes] = {}
         self.publish("stable", "6.1.90-1")
         self.publish("stable-security", "6.1.100-2")
+
+    def close(self) -> None:
+        stop_gpg_agent(self.gnupg)
 
     def _gpg(self, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
         return subprocess.run(
@@ -144,7 +152,11 @@ def archive(tmp_path: Path):  # type: ignore[no-untyped-def]
     if any(shutil.which(t) is None for t in ("gpg", "gpgv", "cpio")):
         pytest.skip("needs gpg, gpgv and cpio (Debian packages gnupg, gpgv, cpio)")
     with LocalHTTPServer() as server:
-        yield MiniArchive(tmp_path, server)
+        mini = MiniArchive(tmp_path, server)
+        try:
+            yield mini
+        finally:
+            mini.close()
 
 
 def test_newest_kernel_resolved_verified_and_cached(archive: MiniArchive, tmp_path: Path) -> None:
@@ -212,6 +224,7 @@ def test_unsigned_or_tampered_index_refused(archive: MiniArchive, tmp_path: Path
             ["gpg", "--batch", "--homedir", str(other), "--export"], capture_output=True, check=True
         ).stdout
     )
+    stop_gpg_agent(other)
     opts = FetchOptions(cache_dir=tmp_path / "cache", progress=False, retries=0)
     with pytest.raises(FetchError, match="not signed by a key in"):
         vm_kernel(opts, archives=archive.archives(), keyring=wrong)

@@ -71,14 +71,10 @@ def require_tools(*tools: str) -> None:
         raise ToolError(f"missing system tool(s): {named}", hint=install_hint(missing))
 
 
-def _fallback_dirs() -> tuple[str, ...]:
-    return FALLBACK_DIRS
-
-
 def find_tool(name: str) -> str | None:
     found = shutil.which(name)
     if found is None:
-        for d in _fallback_dirs():
+        for d in FALLBACK_DIRS:
             cand = Path(d) / name
             if cand.is_file() and os.access(cand, os.X_OK):
                 return str(cand)

@@ -153,7 +153,7 @@ def _install_app(c: Customiser, app: App) -> AppResult:
     for model in app.models:
         if model.dest is not None:  # written straight from the cache (no copy)
             single_models.append((app.device_path(model.dest), _fetched(c, model.input)))
-    if c.stage_cache is not None and c.fetch_opts is not None:  # same inputs, same tree: kept
+    if c.stage_cache is not None:  # the same inputs stage the same tree: kept between builds
         key = stage_key(app, lambda spec: _fetched(c, spec), Cache(c.fetch_opts.cache_dir))
         stage, info = cached_tree(c.stage_cache, key, app.name, lambda tree: _stage(c, app, tree, root))
     else:
@@ -200,8 +200,6 @@ def _stage(c: Customiser, app: App, stage: Path, root: Path) -> dict[str, Any]:
     packages = 0
     if app.python is not None:
         py = app.python
-        if c.fetch_opts is None:
-            raise BuildError(f"app {app.name}: its Python wheels need a download cache", where=py.where)
         opts: FetchOptions = c.fetch_opts
         if py.wheels:  # a local wheelhouse is matched by sha256 like an --input-dir, offline too
             opts = replace(opts, input_dirs=(*opts.input_dirs, py.wheels))

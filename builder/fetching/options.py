@@ -3,7 +3,6 @@ helpers about URLs, mirrors, sizes and digests that every part of fetching share
 
 from __future__ import annotations
 
-import logging
 import os
 import urllib.parse
 import urllib.request
@@ -24,8 +23,6 @@ from builder.cache import (
 from builder.errors import FetchError
 from builder.inputs import InputSpec
 from builder.lockfile import Lock
-
-log = logging.getLogger("airbox-build.fetch")
 
 USER_AGENT = "airbox-build (+https://github.com/radxa)"
 MAX_BACKOFF = 30.0

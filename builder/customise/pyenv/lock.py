@@ -3,15 +3,12 @@ packages that must never reach the device."""
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from builder.errors import RecipeError
-
-log = logging.getLogger("airbox-build")
 
 PYPI_SIMPLE = "https://pypi.org/simple"
 CACHE_URL_PREFIX = "wheel:"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import gzip
 import io
-import logging
 import lzma
 import os
 import tarfile
@@ -18,8 +17,6 @@ from typing import IO, cast
 
 from builder.errors import PackageError
 from builder.package import release
-
-log = logging.getLogger("airbox-build")
 
 MARKERS = release.MARKERS  # the file set: the one folder holding both
 SUPPORTED_FORMS = (
